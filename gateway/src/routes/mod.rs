@@ -1,0 +1,5 @@
+//! One module per resource, each ending in `pub fn router()`.
+
+pub mod health;
+pub mod redemptions;
+pub mod webhooks_stripe;

@@ -1,0 +1,353 @@
+//! Stripe Checkout: `Stripe-Signature` verification, event envelopes, and the
+//! mapping of paid Checkout Sessions (with their line items, read from
+//! Stripe's API) to a [`Purchase`].
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use hmac::{Hmac, KeyInit, Mac};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use sha2::Sha256;
+
+use super::SignatureError;
+use crate::{
+    command::{Command, Purchase, PurchaseLine},
+    config::StripeConfig,
+    error::JobError,
+};
+
+/// Entitle's name for this channel.
+pub const CHANNEL: &str = "stripe";
+
+/// Verifies a `Stripe-Signature` header (`t=…,v1=…[,v1=…]`) over
+/// `{t}.{body}`. Any `v1` may match any configured secret, so secrets can be
+/// rotated; comparison is constant-time.
+pub fn verify_signature(
+    header: Option<&str>,
+    body: &[u8],
+    secrets: &[SecretString],
+    tolerance: Duration,
+    now: DateTime<Utc>,
+) -> Result<(), SignatureError> {
+    let header = header.ok_or(SignatureError::Missing)?;
+    let mut timestamp = None;
+    let mut signatures = Vec::new();
+    for part in header.split(',') {
+        let (key, value) = part.trim().split_once('=').ok_or(SignatureError::Malformed)?;
+        match key {
+            "t" => timestamp = Some(value.parse::<i64>().map_err(|_| SignatureError::Malformed)?),
+            "v1" => signatures.push(hex::decode(value).map_err(|_| SignatureError::Malformed)?),
+            // v0 (test-mode legacy) and future schemes are not trusted.
+            _ => {}
+        }
+    }
+    let timestamp = timestamp.ok_or(SignatureError::Malformed)?;
+    if signatures.is_empty() {
+        return Err(SignatureError::Malformed);
+    }
+    let age = now.timestamp().abs_diff(timestamp);
+    if age > tolerance.as_secs() {
+        return Err(SignatureError::Stale);
+    }
+    for secret in secrets {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose_secret().as_bytes())
+            .expect("HMAC takes any key length");
+        mac.update(timestamp.to_string().as_bytes());
+        mac.update(b".");
+        mac.update(body);
+        for signature in &signatures {
+            if mac.clone().verify_slice(signature).is_ok() {
+                return Ok(());
+            }
+        }
+    }
+    Err(SignatureError::Mismatch)
+}
+
+/// Computes a `Stripe-Signature` header for a body, as Stripe does; used by
+/// tests and by operators replaying events by hand.
+pub fn sign(body: &[u8], secret: &str, timestamp: i64) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(format!("{timestamp}.").as_bytes());
+    mac.update(body);
+    format!("t={timestamp},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The part of every Stripe event the gateway needs to file it.
+#[derive(Debug, Deserialize)]
+pub struct Envelope {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Event {
+    #[serde(rename = "type")]
+    event_type: String,
+    data: EventData,
+}
+
+#[derive(Debug, Deserialize)]
+struct EventData {
+    object: serde_json::Value,
+}
+
+#[derive(Debug, Deserialize)]
+struct CheckoutSession {
+    id: String,
+    payment_status: Option<String>,
+    customer_email: Option<String>,
+    customer_details: Option<CustomerDetails>,
+    client_reference_id: Option<String>,
+    #[serde(default)]
+    metadata: std::collections::HashMap<String, String>,
+    amount_total: Option<i64>,
+    currency: Option<String>,
+    created: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CustomerDetails {
+    email: Option<String>,
+    name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct LineItemList {
+    data: Vec<LineItem>,
+    has_more: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct LineItem {
+    id: String,
+    quantity: Option<u32>,
+    amount_total: Option<i64>,
+    price: Option<Price>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Price {
+    id: String,
+    unit_amount: Option<i64>,
+}
+
+/// A client of Stripe's REST API.
+#[derive(Debug, Clone)]
+pub struct StripeApi {
+    http: reqwest::Client,
+    base: String,
+    key: SecretString,
+}
+
+impl StripeApi {
+    pub fn new(config: &StripeConfig) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(config.api_timeout_secs))
+            .build()
+            .context("Failed to build the Stripe HTTP client")?;
+        Ok(Self {
+            http,
+            base: config.api_base.trim_end_matches('/').to_owned(),
+            key: config.api_key.clone(),
+        })
+    }
+
+    /// Every line item of a Checkout Session, following `has_more` pages.
+    async fn line_items(&self, session_id: &str) -> Result<Vec<LineItem>, JobError> {
+        let url = format!("{}/v1/checkout/sessions/{session_id}/line_items", self.base);
+        let mut items = Vec::new();
+        let mut starting_after: Option<String> = None;
+        loop {
+            let mut query = vec![("limit", "100".to_owned())];
+            if let Some(after) = &starting_after {
+                query.push(("starting_after", after.clone()));
+            }
+            let response = self
+                .http
+                .get(&url)
+                .bearer_auth(self.key.expose_secret())
+                .query(&query)
+                .send()
+                .await
+                .context("Failed to reach Stripe's API for line items")?;
+            let status = response.status();
+            if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+                return Err(JobError::Transient(anyhow::anyhow!(
+                    "Stripe answered {status} for line items of {session_id}"
+                )));
+            }
+            if !status.is_success() {
+                return Err(JobError::permanent(
+                    "channel_api_rejected",
+                    format!("Stripe answered {status} for line items of {session_id}"),
+                ));
+            }
+            let page: LineItemList = response
+                .json()
+                .await
+                .context("Failed to read Stripe's line items answer")?;
+            starting_after = page.data.last().map(|i| i.id.clone());
+            items.extend(page.data);
+            if !page.has_more || starting_after.is_none() {
+                return Ok(items);
+            }
+        }
+    }
+
+    /// Turns a stored Stripe event into a command.
+    pub async fn interpret(&self, body: &str) -> Result<Command, JobError> {
+        let event: Event = serde_json::from_str(body)
+            .map_err(|e| JobError::permanent("event_malformed", e.to_string()))?;
+        match event.event_type.as_str() {
+            "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {}
+            other => {
+                return Ok(Command::Acknowledge {
+                    why: format!("{other} needs no action"),
+                });
+            }
+        }
+        let session: CheckoutSession = serde_json::from_value(event.data.object)
+            .map_err(|e| JobError::permanent("event_malformed", e.to_string()))?;
+        let paid = matches!(
+            session.payment_status.as_deref(),
+            Some("paid") | Some("no_payment_required")
+        );
+        if !paid {
+            // Delayed methods complete unpaid; async_payment_succeeded follows.
+            return Ok(Command::Acknowledge {
+                why: format!(
+                    "session {} is not paid yet (payment_status {:?})",
+                    session.id, session.payment_status
+                ),
+            });
+        }
+        let details = session.customer_details.as_ref();
+        let buyer_email = details
+            .and_then(|d| d.email.clone())
+            .or(session.customer_email.clone())
+            .ok_or_else(|| {
+                JobError::permanent(
+                    "event_malformed",
+                    format!("session {} has no customer email", session.id),
+                )
+            })?;
+        let items = self.line_items(&session.id).await?;
+        let mut lines = Vec::with_capacity(items.len());
+        for item in items {
+            let price = item.price.ok_or_else(|| {
+                JobError::permanent(
+                    "event_malformed",
+                    format!("line item {} of {} has no price", item.id, session.id),
+                )
+            })?;
+            let quantity = item.quantity.unwrap_or(1);
+            if quantity == 0 {
+                continue;
+            }
+            lines.push(PurchaseLine {
+                reference: price.id,
+                quantity,
+                unit_amount: price.unit_amount,
+                amount_total: item.amount_total,
+            });
+        }
+        if lines.is_empty() {
+            return Err(JobError::permanent(
+                "event_malformed",
+                format!("session {} has no line items", session.id),
+            ));
+        }
+        Ok(Command::Purchase(Purchase {
+            channel: CHANNEL.to_owned(),
+            channel_order_id: session.id,
+            buyer_email,
+            buyer_name: details.and_then(|d| d.name.clone()),
+            account_id: session
+                .metadata
+                .get("account_id")
+                .cloned()
+                .or(session.client_reference_id),
+            gift: None,
+            currency: session.currency,
+            amount_total: session.amount_total,
+            paid_at: session
+                .created
+                .and_then(|t| DateTime::<Utc>::from_timestamp(t, 0)),
+            lines,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secrets(s: &[&str]) -> Vec<SecretString> {
+        s.iter().map(|s| SecretString::from(s.to_string())).collect()
+    }
+
+    const TOL: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn a_signature_made_with_the_secret_verifies() {
+        let now = Utc::now();
+        let header = sign(b"{}", "whsec_a", now.timestamp());
+        assert_eq!(
+            verify_signature(Some(&header), b"{}", &secrets(&["whsec_a"]), TOL, now),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn any_v1_under_any_secret_may_match_during_rotation() {
+        let now = Utc::now();
+        let t = now.timestamp();
+        let old = sign(b"x", "whsec_old", t);
+        let new = sign(b"x", "whsec_new", t);
+        let header = format!("{},v1={}", new, old.split("v1=").nth(1).unwrap());
+        let configured = secrets(&["whsec_other", "whsec_old"]);
+        assert_eq!(verify_signature(Some(&header), b"x", &configured, TOL, now), Ok(()));
+    }
+
+    #[test]
+    fn a_changed_body_or_secret_is_a_mismatch() {
+        let now = Utc::now();
+        let header = sign(b"x", "whsec_a", now.timestamp());
+        assert_eq!(
+            verify_signature(Some(&header), b"y", &secrets(&["whsec_a"]), TOL, now),
+            Err(SignatureError::Mismatch)
+        );
+        assert_eq!(
+            verify_signature(Some(&header), b"x", &secrets(&["whsec_b"]), TOL, now),
+            Err(SignatureError::Mismatch)
+        );
+    }
+
+    #[test]
+    fn timestamps_beyond_the_tolerance_are_stale() {
+        let now = Utc::now();
+        let header = sign(b"x", "whsec_a", now.timestamp() - 301);
+        assert_eq!(
+            verify_signature(Some(&header), b"x", &secrets(&["whsec_a"]), TOL, now),
+            Err(SignatureError::Stale)
+        );
+    }
+
+    #[test]
+    fn broken_headers_are_malformed_or_missing() {
+        let s = secrets(&["whsec_a"]);
+        let now = Utc::now();
+        assert_eq!(verify_signature(None, b"", &s, TOL, now), Err(SignatureError::Missing));
+        for h in ["", "t=abc,v1=00", "v1=00", "t=1", "t=1,v1=zz"] {
+            assert_eq!(
+                verify_signature(Some(h), b"", &s, TOL, now),
+                Err(SignatureError::Malformed),
+                "{h}"
+            );
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! Configuration: the commented defaults in `ops/entitle.default.toml`, then an
+//! optional file, then `ENTITLE_`-prefixed environment variables, validated at
+//! start with errors that name the offending key.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use base64::Engine as _;
+use figment::{
+    Figment,
+    providers::{Env, Format, Toml},
+};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// The defaults, compiled in so a binary runs without the repository beside it.
+pub const DEFAULT_TOML: &str = include_str!("../../ops/entitle.default.toml");
+
+/// Everything Entitle can be configured with. Secrets are [`SecretString`],
+/// whose `Debug` prints `[REDACTED]`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub redis: RedisConfig,
+    pub gateway: GatewayConfig,
+    pub worker: WorkerConfig,
+    pub codes: CodesConfig,
+    pub catalogue: CatalogueConfig,
+    pub stripe: StripeConfig,
+    pub email: EmailConfig,
+}
+
+/// `[database]`
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabaseConfig {
+    pub url: SecretString,
+    pub max_connections: u32,
+}
+
+/// `[redis]`
+#[derive(Debug, Clone, Deserialize)]
+pub struct RedisConfig {
+    pub url: SecretString,
+    pub namespace: String,
+}
+
+/// `[gateway]`
+#[derive(Debug, Clone, Deserialize)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+}
+
+/// `[worker]`
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorkerConfig {
+    pub concurrency: usize,
+    pub retry_attempts: usize,
+    pub retry_min_backoff_ms: u64,
+    pub retry_max_backoff_ms: u64,
+}
+
+/// `[codes]`
+#[derive(Debug, Clone, Deserialize)]
+pub struct CodesConfig {
+    pub hash_key: SecretString,
+    pub seal_key: SecretString,
+}
+
+/// `[catalogue]`
+#[derive(Debug, Clone, Deserialize)]
+pub struct CatalogueConfig {
+    pub file: PathBuf,
+}
+
+/// `[stripe]`
+#[derive(Debug, Clone, Deserialize)]
+pub struct StripeConfig {
+    pub webhook_secrets: Vec<SecretString>,
+    pub signature_tolerance_secs: u64,
+    pub api_key: SecretString,
+    pub api_base: String,
+    pub api_timeout_secs: u64,
+}
+
+/// `[email]`
+#[derive(Debug, Clone, Deserialize)]
+pub struct EmailConfig {
+    pub smtp_url: SecretString,
+    pub from: String,
+    pub redeem_url: String,
+    pub message_id_domain: String,
+    pub smtp_timeout_secs: u64,
+    pub templates_dir: String,
+}
+
+/// A configuration that cannot be used, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration could not be read: {0}")]
+    Read(#[from] Box<figment::Error>),
+    #[error("configuration key `{key}` is invalid: {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        problem: problem.into(),
+    }
+}
+
+impl Config {
+    /// Layers defaults, the optional file and the environment, then validates.
+    pub fn load(file: Option<&std::path::Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        Self::from_figment(figment.merge(Env::prefixed("ENTITLE_").split("__")))
+    }
+
+    /// Extracts and validates a configuration from any figment; tests layer
+    /// their own values over the defaults this way.
+    pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The defaults as a figment, for callers that add their own layers.
+    pub fn defaults() -> Figment {
+        Figment::from(Toml::string(DEFAULT_TOML))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        key_bytes(&self.codes.hash_key, "codes.hash_key")?;
+        key_bytes(&self.codes.seal_key, "codes.seal_key")?;
+        if self.codes.hash_key.expose_secret() == self.codes.seal_key.expose_secret() {
+            return Err(invalid(
+                "codes.seal_key",
+                "must differ from codes.hash_key",
+            ));
+        }
+        if self.database.max_connections == 0 {
+            return Err(invalid("database.max_connections", "must be at least 1"));
+        }
+        if self.redis.namespace.is_empty() || self.redis.namespace.contains(char::is_whitespace) {
+            return Err(invalid(
+                "redis.namespace",
+                "must be non-empty without spaces",
+            ));
+        }
+        if self.worker.concurrency == 0 {
+            return Err(invalid("worker.concurrency", "must be at least 1"));
+        }
+        if self.worker.retry_min_backoff_ms == 0
+            || self.worker.retry_min_backoff_ms > self.worker.retry_max_backoff_ms
+        {
+            return Err(invalid(
+                "worker.retry_min_backoff_ms",
+                "must be at least 1 and not above worker.retry_max_backoff_ms",
+            ));
+        }
+        if self.stripe.webhook_secrets.is_empty() {
+            return Err(invalid(
+                "stripe.webhook_secrets",
+                "at least one signing secret is needed to accept Stripe webhooks",
+            ));
+        }
+        if self
+            .stripe
+            .webhook_secrets
+            .iter()
+            .any(|s| s.expose_secret().is_empty())
+        {
+            return Err(invalid("stripe.webhook_secrets", "contains an empty secret"));
+        }
+        reqwest::Url::parse(&self.stripe.api_base)
+            .map_err(|e| invalid("stripe.api_base", e.to_string()))?;
+        reqwest::Url::parse(&self.email.redeem_url)
+            .map_err(|e| invalid("email.redeem_url", e.to_string()))?;
+        self.email
+            .from
+            .parse::<lettre::message::Mailbox>()
+            .map_err(|e| invalid("email.from", e.to_string()))?;
+        let smtp = reqwest::Url::parse(self.email.smtp_url.expose_secret())
+            // The URL may hold a password: say what is wrong, not what it is.
+            .map_err(|e| invalid("email.smtp_url", e.to_string()))?;
+        if !matches!(smtp.scheme(), "smtp" | "smtps") {
+            return Err(invalid("email.smtp_url", "scheme must be smtp or smtps"));
+        }
+        if self.email.message_id_domain.is_empty() {
+            return Err(invalid("email.message_id_domain", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// The 32-byte key codes are hashed under.
+    pub fn hash_key(&self) -> [u8; 32] {
+        key_bytes(&self.codes.hash_key, "codes.hash_key").expect("validated at load")
+    }
+
+    /// The 32-byte key stored codes are sealed under.
+    pub fn seal_key(&self) -> [u8; 32] {
+        key_bytes(&self.codes.seal_key, "codes.seal_key").expect("validated at load")
+    }
+
+    /// Backoff bounds for in-process retries.
+    pub fn retry_backoff(&self) -> (Duration, Duration) {
+        (
+            Duration::from_millis(self.worker.retry_min_backoff_ms),
+            Duration::from_millis(self.worker.retry_max_backoff_ms),
+        )
+    }
+}
+
+fn key_bytes(secret: &SecretString, key: &'static str) -> Result<[u8; 32], ConfigError> {
+    let raw = secret.expose_secret();
+    if raw.is_empty() {
+        return Err(invalid(
+            key,
+            "is required: 32 random bytes, base64 (e.g. `openssl rand -base64 32`)",
+        ));
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(raw.trim())
+        .map_err(|_| invalid(key, "is not valid base64"))?;
+    bytes
+        .try_into()
+        .map_err(|b: Vec<u8>| invalid(key, format!("must decode to 32 bytes, not {}", b.len())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::providers::Serialized;
+
+    fn with(pairs: &[(&str, serde_json::Value)]) -> Result<Config, ConfigError> {
+        let mut f = Config::defaults()
+            .merge(Serialized::default(
+                "codes.hash_key",
+                "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            ))
+            .merge(Serialized::default(
+                "codes.seal_key",
+                "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+            ))
+            .merge(Serialized::default("stripe.webhook_secrets", ["whsec_x"]));
+        for (k, v) in pairs {
+            f = f.merge(Serialized::default(k, v));
+        }
+        Config::from_figment(f)
+    }
+
+    #[test]
+    fn defaults_with_keys_are_valid() {
+        with(&[]).expect("valid");
+    }
+
+    #[test]
+    fn a_short_key_is_reported_by_name_without_its_value() {
+        let err = with(&[("codes.hash_key", "c2hvcnQ=".into())]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("codes.hash_key"), "{text}");
+        assert!(!text.contains("c2hvcnQ="), "{text}");
+    }
+
+    #[test]
+    fn a_mistyped_value_names_its_key() {
+        let err = with(&[("worker.concurrency", "many".into())]).unwrap_err();
+        assert!(err.to_string().contains("concurrency"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug_output() {
+        let config = with(&[]).unwrap();
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("whsec_x"), "{debug}");
+        assert!(!debug.contains("AQEBAQEB"), "{debug}");
+    }
+}

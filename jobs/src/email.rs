@@ -1,0 +1,151 @@
+//! Email: renders code messages from templates (HTML and plain text) and sends
+//! them over SMTP with lettre.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use lettre::{
+    AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor,
+    message::{Mailbox, MultiPart},
+};
+use minijinja::Environment;
+use secrecy::ExposeSecret;
+use serde::Serialize;
+
+use crate::config::EmailConfig;
+
+/// The built-in templates, used unless `email.templates_dir` names a folder.
+const BUILT_IN: &[(&str, &str)] = &[
+    (
+        "default/codes.subject.txt",
+        include_str!("../../ops/templates/default/codes.subject.txt"),
+    ),
+    (
+        "default/codes.txt",
+        include_str!("../../ops/templates/default/codes.txt"),
+    ),
+    (
+        "default/codes.html",
+        include_str!("../../ops/templates/default/codes.html"),
+    ),
+];
+
+/// One code as an email shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CodeLine {
+    pub display: String,
+    pub product: String,
+    pub expires_on: String,
+}
+
+/// A rendered message, ready to send.
+#[derive(Debug, Clone)]
+pub struct Letter {
+    pub to: Mailbox,
+    pub subject: String,
+    pub text: String,
+    pub html: String,
+    pub message_id: String,
+}
+
+/// Why a message was not sent.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The server refused for good (5xx: no such mailbox, policy).
+    #[error("rejected permanently: {0}")]
+    Permanent(String),
+    /// Worth retrying: connection refused, timeout, 4xx.
+    #[error("not sent (will retry): {0}")]
+    Transient(String),
+}
+
+/// Renders and sends email.
+#[derive(Clone)]
+pub struct Mailer {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    from: Mailbox,
+    redeem_url: String,
+    templates: Environment<'static>,
+}
+
+impl std::fmt::Debug for Mailer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mailer").field("from", &self.from).finish()
+    }
+}
+
+impl Mailer {
+    pub fn new(config: &EmailConfig) -> anyhow::Result<Self> {
+        let transport =
+            AsyncSmtpTransport::<Tokio1Executor>::from_url(config.smtp_url.expose_secret())
+                .context("Failed to read email.smtp_url")?
+                .timeout(Some(Duration::from_secs(config.smtp_timeout_secs)))
+                .build();
+        let mut templates = Environment::new();
+        if config.templates_dir.is_empty() {
+            for (name, source) in BUILT_IN {
+                templates
+                    .add_template(name, source)
+                    .with_context(|| format!("Failed to parse built-in template {name}"))?;
+            }
+        } else {
+            templates.set_loader(minijinja::path_loader(&config.templates_dir));
+        }
+        Ok(Self {
+            transport,
+            from: config.from.parse().context("Failed to read email.from")?,
+            redeem_url: config.redeem_url.clone(),
+            templates,
+        })
+    }
+
+    /// Renders the message carrying `codes` in template family `family`.
+    pub fn codes_letter(
+        &self,
+        family: &str,
+        to: Mailbox,
+        message_id: &str,
+        codes: &[CodeLine],
+    ) -> anyhow::Result<Letter> {
+        let context = minijinja::context! {
+            recipient_name => to.name.clone(),
+            codes => codes,
+            redeem_url => self.redeem_url,
+        };
+        let render = |part: &str| -> anyhow::Result<String> {
+            let name = format!("{family}/codes.{part}");
+            self.templates
+                .get_template(&name)
+                .with_context(|| format!("Failed to find email template {name}"))?
+                .render(&context)
+                .with_context(|| format!("Failed to render email template {name}"))
+        };
+        Ok(Letter {
+            subject: render("subject.txt")?.trim().to_owned(),
+            text: render("txt")?,
+            html: render("html")?,
+            message_id: message_id.to_owned(),
+            to,
+        })
+    }
+
+    /// Sends a letter; the answer is the server's reply, kept on the delivery.
+    pub async fn send(&self, letter: Letter) -> Result<String, SendError> {
+        let message = Message::builder()
+            .from(self.from.clone())
+            .to(letter.to)
+            .subject(letter.subject)
+            .message_id(Some(letter.message_id))
+            .multipart(MultiPart::alternative_plain_html(letter.text, letter.html))
+            .map_err(|e| SendError::Permanent(format!("message could not be built: {e}")))?;
+        match self.transport.send(message).await {
+            Ok(response) => Ok(format!(
+                "{} {}",
+                response.code(),
+                response.message().collect::<Vec<_>>().join(" ")
+            )),
+            Err(e) if e.is_permanent() => Err(SendError::Permanent(e.to_string())),
+            Err(e) => Err(SendError::Transient(e.to_string())),
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! Entitle's domain core, shared by the gateway and the worker: configuration,
+//! storage, codes, channel adapters, the channel-neutral commands, job
+//! payloads and handlers, and email.
+
+pub mod audit;
+pub mod catalogue;
+pub mod channel;
+pub mod code;
+pub mod command;
+pub mod config;
+pub mod context;
+pub mod db;
+pub mod delivery;
+pub mod email;
+pub mod error;
+pub mod handlers;
+pub mod inbox;
+pub mod issuance;
+pub mod queue;
+pub mod redemption;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use config::Config;
+pub use context::Context;

@@ -1,0 +1,76 @@
+//! The job queues on Redis. A job carries only ids: Postgres holds everything
+//! else, so a flushed Redis loses no data.
+
+use anyhow::Context as _;
+use apalis::prelude::TaskSink;
+use apalis_redis::{Config as QueueConfig, ConnectionManager, RedisStorage};
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::config::RedisConfig;
+
+/// Process one stored webhook event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessEvent {
+    pub inbox_id: Uuid,
+}
+
+/// Send one email delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendDelivery {
+    pub delivery_id: Uuid,
+}
+
+/// Handles to every queue, for whoever enqueues (gateway, worker).
+#[derive(Debug, Clone)]
+pub struct Queues {
+    pub events: RedisStorage<ProcessEvent>,
+    pub deliveries: RedisStorage<SendDelivery>,
+    conn: ConnectionManager,
+}
+
+impl Queues {
+    /// Connects to Redis; queue keys start with the configured namespace.
+    pub async fn connect(config: &RedisConfig) -> anyhow::Result<Self> {
+        let conn = apalis_redis::connect(config.url.expose_secret())
+            .await
+            .context("Failed to connect to Redis (redis.url)")?;
+        let ns = &config.namespace;
+        Ok(Self {
+            events: RedisStorage::new(conn.clone())
+                .with_config(QueueConfig::default().queue(format!("{ns}:events"))),
+            deliveries: RedisStorage::new(conn.clone())
+                .with_config(QueueConfig::default().queue(format!("{ns}:deliveries"))),
+            conn,
+        })
+    }
+
+    /// Enqueues processing of a stored webhook event.
+    pub async fn process_event(&self, inbox_id: Uuid) -> anyhow::Result<()> {
+        self.events
+            .clone()
+            .push(ProcessEvent { inbox_id })
+            .await
+            .context("Failed to enqueue a webhook event")
+    }
+
+    /// Enqueues sending of a delivery.
+    pub async fn send_delivery(&self, delivery_id: Uuid) -> anyhow::Result<()> {
+        self.deliveries
+            .clone()
+            .push(SendDelivery { delivery_id })
+            .await
+            .context("Failed to enqueue an email delivery")
+    }
+
+    /// Round-trips a PING, for readiness checks.
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .context("Redis did not answer PING")?;
+        Ok(())
+    }
+}
