@@ -85,7 +85,10 @@ impl Catalogue {
     /// Makes the database match the catalogue, in one transaction. Products
     /// dropped from the file are deactivated, not deleted: codes refer to them.
     pub async fn sync(&self, pool: &PgPool) -> anyhow::Result<()> {
-        let mut tx = pool.begin().await.context("Failed to begin catalogue sync")?;
+        let mut tx = pool
+            .begin()
+            .await
+            .context("Failed to begin catalogue sync")?;
         // Serialise concurrent syncs from several processes starting at once.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('entitle.catalogue_sync'))")
             .execute(&mut *tx)
@@ -113,7 +116,9 @@ impl Catalogue {
             .bind(&skus)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM channel_product").execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM channel_product")
+            .execute(&mut *tx)
+            .await?;
         for (channel, reference, sku) in self.mappings() {
             sqlx::query(
                 "INSERT INTO channel_product (channel, reference, product_id)
@@ -125,7 +130,9 @@ impl Catalogue {
             .execute(&mut *tx)
             .await?;
         }
-        tx.commit().await.context("Failed to commit catalogue sync")?;
+        tx.commit()
+            .await
+            .context("Failed to commit catalogue sync")?;
         Ok(())
     }
 }

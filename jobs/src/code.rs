@@ -52,7 +52,12 @@ impl Code {
             *v = rng.random_range(0..32u8);
         }
         values[RANDOM_SYMBOLS] = check_value(&values[..RANDOM_SYMBOLS]);
-        Code(values.iter().map(|&v| ALPHABET[v as usize] as char).collect())
+        Code(
+            values
+                .iter()
+                .map(|&v| ALPHABET[v as usize] as char)
+                .collect(),
+        )
     }
 
     /// Normalises what a customer typed (case, spaces, dashes, O for 0, I and
@@ -72,7 +77,10 @@ impl Code {
             return Err(MalformedCode::Check);
         }
         Ok(Code(
-            values.iter().map(|&v| ALPHABET[v as usize] as char).collect(),
+            values
+                .iter()
+                .map(|&v| ALPHABET[v as usize] as char)
+                .collect(),
         ))
     }
 
@@ -99,7 +107,10 @@ fn symbol_value(c: char) -> Option<u8> {
         'I' | 'L' => '1',
         c => c,
     };
-    ALPHABET.iter().position(|&a| a as char == c).map(|p| p as u8)
+    ALPHABET
+        .iter()
+        .position(|&a| a as char == c)
+        .map(|p| p as u8)
 }
 
 /// Luhn mod N (N = 32) over symbol values. Doubling is a permutation of the
@@ -235,7 +246,10 @@ mod tests {
             Code::parse("ABCD-EFGH-JKMN-PQRU"),
             Err(MalformedCode::Symbol)
         );
-        assert_eq!(Code::parse("ABCD-EFGH-JKMN-PQR!"), Err(MalformedCode::Symbol));
+        assert_eq!(
+            Code::parse("ABCD-EFGH-JKMN-PQR!"),
+            Err(MalformedCode::Symbol)
+        );
     }
 
     #[test]

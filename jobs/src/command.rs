@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     /// An order was paid: issue one code per unit.
-    Purchase(Purchase),
+    Purchase(Box<Purchase>),
     /// The event is recorded but needs no action (unpaid session, other topic).
     Acknowledge { why: String },
 }

@@ -54,6 +54,7 @@ pub struct GatewayConfig {
 #[derive(Debug, Clone, Deserialize)]
 pub struct WorkerConfig {
     pub concurrency: usize,
+    pub poll_interval_ms: u64,
     pub retry_attempts: usize,
     pub retry_min_backoff_ms: u64,
     pub retry_max_backoff_ms: u64,
@@ -136,10 +137,7 @@ impl Config {
         key_bytes(&self.codes.hash_key, "codes.hash_key")?;
         key_bytes(&self.codes.seal_key, "codes.seal_key")?;
         if self.codes.hash_key.expose_secret() == self.codes.seal_key.expose_secret() {
-            return Err(invalid(
-                "codes.seal_key",
-                "must differ from codes.hash_key",
-            ));
+            return Err(invalid("codes.seal_key", "must differ from codes.hash_key"));
         }
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
@@ -149,6 +147,9 @@ impl Config {
                 "redis.namespace",
                 "must be non-empty without spaces",
             ));
+        }
+        if self.worker.poll_interval_ms == 0 {
+            return Err(invalid("worker.poll_interval_ms", "must be at least 1"));
         }
         if self.worker.concurrency == 0 {
             return Err(invalid("worker.concurrency", "must be at least 1"));
@@ -173,7 +174,10 @@ impl Config {
             .iter()
             .any(|s| s.expose_secret().is_empty())
         {
-            return Err(invalid("stripe.webhook_secrets", "contains an empty secret"));
+            return Err(invalid(
+                "stripe.webhook_secrets",
+                "contains an empty secret",
+            ));
         }
         reqwest::Url::parse(&self.stripe.api_base)
             .map_err(|e| invalid("stripe.api_base", e.to_string()))?;

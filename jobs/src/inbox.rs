@@ -54,11 +54,12 @@ pub async fn file(pool: &PgPool, event: NewEvent<'_>) -> sqlx::Result<Filed> {
     if let Some(row) = inserted {
         return Ok(Filed::New(row.get("id")));
     }
-    let row = sqlx::query("SELECT id, status FROM webhook_inbox WHERE channel = $1 AND event_id = $2")
-        .bind(event.channel)
-        .bind(event.event_id)
-        .fetch_one(pool)
-        .await?;
+    let row =
+        sqlx::query("SELECT id, status FROM webhook_inbox WHERE channel = $1 AND event_id = $2")
+            .bind(event.channel)
+            .bind(event.event_id)
+            .fetch_one(pool)
+            .await?;
     let status: String = row.get("status");
     Ok(Filed::Duplicate {
         id: row.get("id"),
@@ -124,7 +125,11 @@ pub async fn finish(
             &mut tx,
             AuditEvent {
                 actor: audit::WORKER,
-                action: if status == "failed" { "event.failed" } else { "event.ignored" },
+                action: if status == "failed" {
+                    "event.failed"
+                } else {
+                    "event.ignored"
+                },
                 subject_type: "webhook_event",
                 subject_id: id.to_string(),
                 reason: Some(detail),

@@ -38,7 +38,11 @@ async fn resolve_products(
     pool: &PgPool,
     purchase: &Purchase,
 ) -> Result<HashMap<String, Product>, JobError> {
-    let references: Vec<&str> = purchase.lines.iter().map(|l| l.reference.as_str()).collect();
+    let references: Vec<&str> = purchase
+        .lines
+        .iter()
+        .map(|l| l.reference.as_str())
+        .collect();
     let rows = sqlx::query(
         "SELECT cp.reference, p.id, p.validity_days
          FROM channel_product cp JOIN product p ON p.id = cp.product_id
@@ -116,7 +120,12 @@ pub async fn fulfil(
     .bind(&purchase.buyer_name)
     .bind(&purchase.account_id)
     .bind(purchase.gift.as_ref().map(|g| &g.recipient_email))
-    .bind(purchase.gift.as_ref().and_then(|g| g.recipient_name.as_ref()))
+    .bind(
+        purchase
+            .gift
+            .as_ref()
+            .and_then(|g| g.recipient_name.as_ref()),
+    )
     .bind(purchase.gift.as_ref().and_then(|g| g.message.as_ref()))
     .bind(purchase.gift.as_ref().and_then(|g| g.send_at))
     .bind(&purchase.currency)

@@ -1,1 +1,309 @@
+//! The end-to-end harness: starts the real gateway and worker in-process on
+//! `127.0.0.1:0`, each test with its own Postgres database, its own Redis
+//! namespace, a wiremock stand-in for Stripe's API and a real SMTP server.
 
+pub mod smtp;
+pub mod stripe;
+
+use std::{future::Future, sync::Mutex, time::Duration};
+
+use base64::Engine as _;
+use entitle_jobs::{Config, Context};
+use figment::providers::Serialized;
+use serde_json::{Value, json};
+use sqlx::{Connection, PgConnection, PgPool};
+use uuid::Uuid;
+use wiremock::MockServer;
+
+use crate::smtp::SmtpSink;
+
+/// The webhook signing secret every test app is configured with.
+pub const STRIPE_WEBHOOK_SECRET: &str = "whsec_test_entitle";
+
+fn admin_database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+fn random_key() -> String {
+    let mut key = [0u8; 32];
+    rand::fill(&mut key);
+    base64::engine::general_purpose::STANDARD.encode(key)
+}
+
+/// How a test app starts.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Start the SMTP server now (otherwise its port stays closed until
+    /// [`TestApp::start_smtp`]).
+    pub smtp: bool,
+    /// Run the worker in-process.
+    pub worker: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            smtp: true,
+            worker: true,
+        }
+    }
+}
+
+/// A running Entitle with everything it talks to.
+pub struct TestApp {
+    /// `http://127.0.0.1:PORT` of the gateway.
+    pub address: String,
+    pub ctx: Context,
+    pub pool: PgPool,
+    pub stripe: MockServer,
+    pub http: reqwest::Client,
+    pub smtp_port: u16,
+    smtp: Mutex<Option<SmtpSink>>,
+    database: String,
+    namespace: String,
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+/// Logs for failing tests: `RUST_LOG=debug cargo test`.
+fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Creates an empty database for one test and returns its URL.
+async fn create_database(name: &str) -> String {
+    let admin = admin_database_url();
+    let mut conn = PgConnection::connect(&admin)
+        .await
+        .expect("Postgres is reachable at DATABASE_URL (run ops/test.sh, which starts it)");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .expect("the test database can be created");
+    let mut url = reqwest::Url::parse(&admin).expect("DATABASE_URL is a URL");
+    url.set_path(&format!("/{name}"));
+    url.to_string()
+}
+
+impl TestApp {
+    /// Gateway, worker and SMTP server, all running.
+    pub async fn spawn() -> Self {
+        Self::spawn_with(Options::default()).await
+    }
+
+    pub async fn spawn_with(options: Options) -> Self {
+        Self::spawn_configured(options, json!({})).await
+    }
+
+    /// Starts with `overrides` (a nested JSON object) layered over the test
+    /// configuration.
+    pub async fn spawn_configured(options: Options, overrides: Value) -> Self {
+        init_logging();
+        let id = Uuid::new_v4().simple().to_string();
+        let database = format!("entitle_t_{id}");
+        let namespace = format!("entitle-t-{id}");
+        let database_url = create_database(&database).await;
+        let stripe = MockServer::start().await;
+        let smtp_port = smtp::free_port();
+        let smtp = options.smtp.then(|| SmtpSink::start_on(smtp_port, None));
+        let catalogue = concat!(env!("CARGO_MANIFEST_DIR"), "/../ops/catalogue.toml");
+        let config = Config::from_figment(
+            Config::defaults()
+                .merge(Serialized::defaults(json!({
+                    "database": { "url": database_url, "max_connections": 10 },
+                    "redis": { "url": redis_url(), "namespace": namespace },
+                    "worker": {
+                        "concurrency": 4,
+                        "poll_interval_ms": 20,
+                        "retry_attempts": 25,
+                        "retry_min_backoff_ms": 50,
+                        "retry_max_backoff_ms": 400
+                    },
+                    "codes": { "hash_key": random_key(), "seal_key": random_key() },
+                    "catalogue": { "file": catalogue },
+                    "stripe": {
+                        "webhook_secrets": [STRIPE_WEBHOOK_SECRET],
+                        "api_key": "sk_test_entitle",
+                        "api_base": stripe.uri(),
+                        "api_timeout_secs": 5
+                    },
+                    "email": {
+                        "smtp_url": format!("smtp://127.0.0.1:{smtp_port}"),
+                        "from": "Entitle Test <codes@entitle.test>",
+                        "redeem_url": "https://shop.test/redeem",
+                        "message_id_domain": "entitle.test",
+                        "smtp_timeout_secs": 5
+                    }
+                })))
+                .merge(Serialized::defaults(overrides)),
+        )
+        .expect("the test configuration is valid");
+
+        let ctx = Context::connect(config)
+            .await
+            .expect("Postgres and Redis are reachable");
+        ctx.prepare().await.expect("migrations and catalogue load");
+        let (shutdown, _) = tokio::sync::watch::channel(false);
+        let stopped = |shutdown: &tokio::sync::watch::Sender<bool>| {
+            let mut rx = shutdown.subscribe();
+            async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            }
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port for the gateway");
+        let address = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(entitle_gateway::run(
+            ctx.clone(),
+            listener,
+            stopped(&shutdown),
+        ));
+        if options.worker {
+            tokio::spawn(entitle_worker::run(ctx.clone(), stopped(&shutdown)));
+        }
+        Self {
+            address,
+            pool: ctx.pool.clone(),
+            ctx,
+            stripe,
+            http: reqwest::Client::new(),
+            smtp_port,
+            smtp: Mutex::new(smtp),
+            database,
+            namespace,
+            shutdown,
+        }
+    }
+
+    /// Starts the SMTP server on the port the app was configured with.
+    pub fn start_smtp(&self) -> SmtpSink {
+        let sink = SmtpSink::start_on(self.smtp_port, None);
+        *self.smtp.lock().unwrap() = Some(sink.clone());
+        sink
+    }
+
+    /// The SMTP server's mailbox.
+    pub fn mailbox(&self) -> SmtpSink {
+        self.smtp
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("the SMTP server was started")
+    }
+
+    /// Posts a Stripe webhook body with a valid signature made now.
+    pub async fn post_stripe(&self, body: &str) -> reqwest::Response {
+        let signature = entitle_jobs::channel::stripe::sign(
+            body.as_bytes(),
+            STRIPE_WEBHOOK_SECRET,
+            chrono::Utc::now().timestamp(),
+        );
+        self.post_stripe_signed(body, Some(&signature)).await
+    }
+
+    /// Posts a Stripe webhook body with the given `Stripe-Signature` header.
+    pub async fn post_stripe_signed(
+        &self,
+        body: &str,
+        signature: Option<&str>,
+    ) -> reqwest::Response {
+        let mut request = self
+            .http
+            .post(format!("{}/webhooks/stripe", self.address))
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+        if let Some(signature) = signature {
+            request = request.header("stripe-signature", signature);
+        }
+        request.send().await.expect("the gateway answers")
+    }
+
+    /// Redeems a code; returns the status and the JSON answer.
+    pub async fn redeem(&self, code: &str, account: &str, entity: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .post(format!("{}/v1/redemptions", self.address))
+            .json(&json!({ "code": code, "account_id": account, "entity_ref": entity }))
+            .send()
+            .await
+            .expect("the gateway answers");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("a JSON answer"))
+    }
+
+    /// Runs a `SELECT count(*) …` and returns the count.
+    pub async fn count(&self, sql: &'static str) -> i64 {
+        sqlx::query_scalar(sql)
+            .fetch_one(&self.pool)
+            .await
+            .expect("the count query runs")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        // Drop the database and the Redis keys from a thread of its own: the
+        // test's runtime may be shutting down.
+        let database = self.database.clone();
+        let namespace = self.namespace.clone();
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for cleanup");
+            runtime.block_on(async move {
+                if let Ok(mut conn) = PgConnection::connect(&admin_database_url()).await {
+                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {database} WITH (FORCE)"
+                    )))
+                    .execute(&mut conn)
+                    .await;
+                }
+                if let Ok(client) = redis::Client::open(redis_url())
+                    && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+                {
+                    let keys: Vec<String> = redis::cmd("KEYS")
+                        .arg(format!("*{namespace}*"))
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap_or_default();
+                    if !keys.is_empty() {
+                        let _: Result<(), _> =
+                            redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+                    }
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// Polls `check` until it yields `Some`, or panics after `timeout` naming what
+/// was awaited. Waiting for a worker is always this, never a bare sleep.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

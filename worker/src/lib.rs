@@ -50,26 +50,29 @@ pub async fn run(
             .expect("backoff bounds validated with the configuration")
             .make_backoff()
     };
+    // A push from another process (the gateway) does not wake this worker,
+    // so idle workers look for new jobs at this interval.
+    let poll = Duration::from_millis(ctx.config.worker.poll_interval_ms);
     let events = ctx.queues.events.clone();
     let deliveries = ctx.queues.deliveries.clone();
     let event_ctx = ctx.clone();
     let delivery_ctx = ctx.clone();
-    let event_backoff = backoff.clone();
+    let event_backoff = backoff;
     let monitor = Monitor::new()
         .register(move |_| {
             WorkerBuilder::new(worker_name("events"))
-                .backend(events.clone())
-                .retry(RetryPolicy::retries(retries).with_backoff(event_backoff()))
+                .backend(events.clone().poll_with_interval(poll))
                 .concurrency(concurrency)
+                .retry(RetryPolicy::retries(retries).with_backoff(event_backoff()))
                 .parallelize(tokio::spawn)
                 .data(event_ctx.clone())
                 .build(process_event)
         })
         .register(move |_| {
             WorkerBuilder::new(worker_name("deliveries"))
-                .backend(deliveries.clone())
-                .retry(RetryPolicy::retries(retries).with_backoff(backoff()))
+                .backend(deliveries.clone().poll_with_interval(poll))
                 .concurrency(concurrency)
+                .retry(RetryPolicy::retries(retries).with_backoff(backoff()))
                 .parallelize(tokio::spawn)
                 .data(delivery_ctx.clone())
                 .build(send_delivery)

@@ -46,7 +46,11 @@ async fn redeem(
     let code = Code::parse(&request.code).map_err(|e| {
         metrics::counter!("entitle_redemptions_rejected_total", "code" => "code_malformed")
             .increment(1);
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "code_malformed", e.to_string())
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "code_malformed",
+            e.to_string(),
+        )
     })?;
     let outcome = redemption::redeem(
         &state.ctx.pool,

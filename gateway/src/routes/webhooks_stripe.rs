@@ -62,9 +62,20 @@ async fn receive(
     if let Err(e) = envelope {
         let detail = format!("the event is not a Stripe event: {e}");
         if let inbox::Filed::New(id) = filed {
-            inbox::finish(&state.ctx.pool, id, "failed", Some("event_malformed"), &detail).await?;
+            inbox::finish(
+                &state.ctx.pool,
+                id,
+                "failed",
+                Some("event_malformed"),
+                &detail,
+            )
+            .await?;
         }
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "event_malformed", detail));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "event_malformed",
+            detail,
+        ));
     }
 
     let (id, duplicate, finished) = match filed {

@@ -35,9 +35,18 @@ pub fn verify_signature(
     let mut timestamp = None;
     let mut signatures = Vec::new();
     for part in header.split(',') {
-        let (key, value) = part.trim().split_once('=').ok_or(SignatureError::Malformed)?;
+        let (key, value) = part
+            .trim()
+            .split_once('=')
+            .ok_or(SignatureError::Malformed)?;
         match key {
-            "t" => timestamp = Some(value.parse::<i64>().map_err(|_| SignatureError::Malformed)?),
+            "t" => {
+                timestamp = Some(
+                    value
+                        .parse::<i64>()
+                        .map_err(|_| SignatureError::Malformed)?,
+                )
+            }
             "v1" => signatures.push(hex::decode(value).map_err(|_| SignatureError::Malformed)?),
             // v0 (test-mode legacy) and future schemes are not trusted.
             _ => {}
@@ -72,7 +81,10 @@ pub fn sign(body: &[u8], secret: &str, timestamp: i64) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
     mac.update(format!("{timestamp}.").as_bytes());
     mac.update(body);
-    format!("t={timestamp},v1={}", hex::encode(mac.finalize().into_bytes()))
+    format!(
+        "t={timestamp},v1={}",
+        hex::encode(mac.finalize().into_bytes())
+    )
 }
 
 /// The part of every Stripe event the gateway needs to file it.
@@ -261,7 +273,7 @@ impl StripeApi {
                 format!("session {} has no line items", session.id),
             ));
         }
-        Ok(Command::Purchase(Purchase {
+        Ok(Command::Purchase(Box::new(Purchase {
             channel: CHANNEL.to_owned(),
             channel_order_id: session.id,
             buyer_email,
@@ -278,7 +290,7 @@ impl StripeApi {
                 .created
                 .and_then(|t| DateTime::<Utc>::from_timestamp(t, 0)),
             lines,
-        }))
+        })))
     }
 }
 
@@ -287,7 +299,9 @@ mod tests {
     use super::*;
 
     fn secrets(s: &[&str]) -> Vec<SecretString> {
-        s.iter().map(|s| SecretString::from(s.to_string())).collect()
+        s.iter()
+            .map(|s| SecretString::from(s.to_string()))
+            .collect()
     }
 
     const TOL: Duration = Duration::from_secs(300);
@@ -310,7 +324,10 @@ mod tests {
         let new = sign(b"x", "whsec_new", t);
         let header = format!("{},v1={}", new, old.split("v1=").nth(1).unwrap());
         let configured = secrets(&["whsec_other", "whsec_old"]);
-        assert_eq!(verify_signature(Some(&header), b"x", &configured, TOL, now), Ok(()));
+        assert_eq!(
+            verify_signature(Some(&header), b"x", &configured, TOL, now),
+            Ok(())
+        );
     }
 
     #[test]
@@ -341,7 +358,10 @@ mod tests {
     fn broken_headers_are_malformed_or_missing() {
         let s = secrets(&["whsec_a"]);
         let now = Utc::now();
-        assert_eq!(verify_signature(None, b"", &s, TOL, now), Err(SignatureError::Missing));
+        assert_eq!(
+            verify_signature(None, b"", &s, TOL, now),
+            Err(SignatureError::Missing)
+        );
         for h in ["", "t=abc,v1=00", "v1=00", "t=1", "t=1,v1=zz"] {
             assert_eq!(
                 verify_signature(Some(h), b"", &s, TOL, now),

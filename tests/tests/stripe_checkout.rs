@@ -1,0 +1,622 @@
+//! A paid Stripe Checkout order, end to end: webhook → codes → one email →
+//! redemption, with duplicates, bad signatures and flaky dependencies.
+
+use std::time::Duration;
+
+use entitle_tests::{
+    STRIPE_WEBHOOK_SECRET, TestApp, eventually,
+    smtp::ReceivedMail,
+    stripe::{line_items_page, line_items_path, mount_line_items, paid_session},
+};
+use serde_json::Value;
+use wiremock::{Mock, ResponseTemplate, matchers::method, matchers::path};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Waits until the mailbox holds `n` messages and returns them.
+async fn mails(app: &TestApp, n: usize) -> Vec<ReceivedMail> {
+    let mailbox = app.mailbox();
+    eventually(&format!("{n} email(s)"), WAIT, || {
+        let mailbox = mailbox.clone();
+        async move {
+            let messages = mailbox.messages();
+            (messages.len() >= n).then_some(messages)
+        }
+    })
+    .await
+}
+
+/// Waits until every delivery row is sent.
+async fn all_deliveries_sent(app: &TestApp) {
+    eventually("every delivery sent", WAIT, || async {
+        let unsent = app
+            .count("SELECT count(*) FROM email_delivery WHERE status <> 'sent'")
+            .await;
+        let total = app.count("SELECT count(*) FROM email_delivery").await;
+        (total > 0 && unsent == 0).then_some(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paid_checkout_for_three_units_emails_three_distinct_codes_in_one_message() {
+    let app = TestApp::spawn().await;
+    mount_line_items(&app.stripe, "cs_test_three", &[("price_basic_kit", 3)]).await;
+
+    let response = app
+        .post_stripe(&paid_session(
+            "evt_three",
+            "cs_test_three",
+            "ada@example.com",
+        ))
+        .await;
+    assert_eq!(response.status(), 200);
+
+    let messages = mails(&app, 1).await;
+    all_deliveries_sent(&app).await;
+    let mail = &messages[0];
+    assert_eq!(mail.to, vec!["ada@example.com".to_owned()]);
+    assert_eq!(mail.subject(), "Your 3 activation codes");
+    let codes = mail.codes();
+    assert_eq!(codes.len(), 3, "three distinct codes in {}", mail.text());
+    for code in &codes {
+        assert!(
+            mail.html().contains(code.as_str()),
+            "HTML part lists {code}"
+        );
+    }
+    assert!(mail.text().contains("https://shop.test/redeem"));
+    assert!(mail.message_id().ends_with("@entitle.test"));
+    assert_eq!(
+        app.mailbox().messages().len(),
+        1,
+        "one message, not one per code"
+    );
+
+    let order: (String, Option<String>, String) = sqlx::query_as(
+        "SELECT buyer_email, account_id, state FROM orders WHERE channel_order_id = 'cs_test_three'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        order,
+        (
+            "ada@example.com".into(),
+            Some("acct_42".into()),
+            "paid".into()
+        )
+    );
+    let stored: Vec<(String, String)> =
+        sqlx::query_as("SELECT last4, state FROM activation_code ORDER BY unit_index")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored.len(), 3);
+    for (last4, state) in &stored {
+        assert_eq!(state, "issued");
+        assert!(codes.iter().any(|c| c.ends_with(last4.as_str())));
+    }
+    // Codes are secrets: the database holds no plain copy of any of them.
+    let plain: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM activation_code c, audit_event a
+         WHERE position(replace($1, '-', '') in a.data::text) > 0
+            OR position(replace($1, '-', '') in encode(c.code_sealed, 'escape')) > 0",
+    )
+    .bind(&codes[0])
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(plain, 0);
+    let issued_events = app
+        .count("SELECT count(*) FROM audit_event WHERE action = 'code.issued'")
+        .await;
+    assert_eq!(issued_events, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_emailed_code_redeems_once_and_another_account_is_told_it_is_already_redeemed() {
+    let app = TestApp::spawn().await;
+    mount_line_items(&app.stripe, "cs_test_redeem", &[("price_pro_licence", 1)]).await;
+    app.post_stripe(&paid_session(
+        "evt_redeem",
+        "cs_test_redeem",
+        "bo@example.com",
+    ))
+    .await;
+    let code = mails(&app, 1).await[0].codes()[0].clone();
+
+    // Typed sloppily, as customers do.
+    let typed = format!(" {} ", code.to_lowercase().replace('-', " "));
+    let (status, body) = app.redeem(&typed, "acct_bo", "profile_7").await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["account_id"], "acct_bo");
+    assert_eq!(body["entity_ref"], "profile_7");
+    assert_eq!(body["product_sku"], "LIC-PRO-1Y");
+    assert_eq!(body["code_last4"], code[15..]);
+    assert!(
+        !body.to_string().contains(&code),
+        "the answer never echoes the code"
+    );
+
+    let (again, same) = app.redeem(&code, "acct_bo", "profile_7").await;
+    assert_eq!(
+        again, 200,
+        "redeeming again for the same holder is idempotent"
+    );
+    assert_eq!(same["id"], body["id"]);
+
+    let (status, err) = app.redeem(&code, "acct_eve", "profile_1").await;
+    assert_eq!(status, 409);
+    assert_eq!(err["code"], "code_already_redeemed");
+
+    let (status, err) = app.redeem(&code, "acct_bo", "profile_other").await;
+    assert_eq!(status, 409, "same account, other entity is someone else");
+    assert_eq!(err["code"], "code_already_redeemed");
+
+    let state: String = sqlx::query_scalar("SELECT state FROM activation_code")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "redeemed");
+    assert_eq!(app.count("SELECT count(*) FROM assignment").await, 1);
+    let (actor, data): (String, Value) =
+        sqlx::query_as("SELECT actor, data FROM audit_event WHERE action = 'code.redeemed'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(actor, "account:acct_bo");
+    assert_eq!(data["before"]["state"], "issued");
+    assert_eq!(data["after"]["state"], "redeemed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redemption_answers_carry_stable_error_codes() {
+    let app = TestApp::spawn().await;
+    mount_line_items(&app.stripe, "cs_test_states", &[("price_basic_kit", 3)]).await;
+    app.post_stripe(&paid_session(
+        "evt_states",
+        "cs_test_states",
+        "cy@example.com",
+    ))
+    .await;
+    let codes = mails(&app, 1).await[0].codes();
+
+    // Unknown but well-formed: a fresh code that was never issued.
+    let unknown = entitle_jobs::code::Code::generate().display();
+    let (status, body) = app.redeem(&unknown, "acct", "e").await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("code_not_found"))
+    );
+
+    sqlx::query(
+        "UPDATE activation_code SET state = 'revoked', revoked_at = now() WHERE last4 = $1",
+    )
+    .bind(&codes[0][15..])
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let (status, body) = app.redeem(&codes[0], "acct", "e").await;
+    assert_eq!((status, body["code"].as_str()), (410, Some("code_revoked")));
+
+    sqlx::query(
+        "UPDATE activation_code SET expires_at = now() - interval '1 day' WHERE last4 = $1",
+    )
+    .bind(&codes[1][15..])
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let (status, body) = app.redeem(&codes[1], "acct", "e").await;
+    assert_eq!((status, body["code"].as_str()), (410, Some("code_expired")));
+
+    let (status, body) = app.redeem("ABCD", "acct", "e").await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("code_malformed"))
+    );
+
+    let (status, body) = app.redeem(&codes[2], "", "e").await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("invalid_request"))
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM activation_code WHERE state = 'redeemed'")
+            .await,
+        0,
+        "a rejected request changes nothing"
+    );
+    assert_eq!(app.count("SELECT count(*) FROM assignment").await, 0);
+    assert_eq!(
+        app.count("SELECT count(*) FROM audit_event WHERE action = 'code.redeemed'")
+            .await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_event_delivered_five_times_at_once_yields_one_order_three_codes_one_email() {
+    let app = TestApp::spawn().await;
+    mount_line_items(&app.stripe, "cs_test_dup", &[("price_basic_kit", 3)]).await;
+    let body = paid_session("evt_dup", "cs_test_dup", "dee@example.com");
+
+    let posts = (0..5).map(|_| app.post_stripe(&body));
+    for response in futures_join_all(posts).await {
+        assert_eq!(response.status(), 200);
+    }
+    mails(&app, 1).await;
+    all_deliveries_sent(&app).await;
+    eventually("the event processed", WAIT, || async {
+        (app.count("SELECT count(*) FROM webhook_inbox WHERE status = 'processed'")
+            .await
+            == 1)
+            .then_some(())
+    })
+    .await;
+
+    assert_eq!(app.count("SELECT count(*) FROM webhook_inbox").await, 1);
+    assert_eq!(app.count("SELECT count(*) FROM orders").await, 1);
+    assert_eq!(app.count("SELECT count(*) FROM activation_code").await, 3);
+    assert_eq!(app.count("SELECT count(*) FROM email_delivery").await, 1);
+    assert_eq!(
+        app.count("SELECT count(*) FROM email_delivery WHERE attempts = 1")
+            .await,
+        1,
+        "the delivery was attempted once"
+    );
+    assert_eq!(app.mailbox().messages().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_jobs_for_the_same_event_issue_its_codes_once() {
+    // No worker: the jobs are run directly, five at once, as five worker
+    // processes holding duplicated queue entries would.
+    let app = TestApp::spawn_with(entitle_tests::Options {
+        smtp: true,
+        worker: false,
+    })
+    .await;
+    mount_line_items(
+        &app.stripe,
+        "cs_test_race",
+        &[("price_basic_kit", 2), ("price_pro_licence", 1)],
+    )
+    .await;
+    let response = app
+        .post_stripe(&paid_session("evt_race", "cs_test_race", "eli@example.com"))
+        .await;
+    let inbox_id: uuid::Uuid = response.json::<Value>().await.unwrap()["event"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    let runs = (0..5).map(|_| entitle_jobs::handlers::process_event(&app.ctx, inbox_id));
+    for result in futures_join_all(runs).await {
+        result.expect("every run succeeds");
+    }
+    assert_eq!(app.count("SELECT count(*) FROM orders").await, 1);
+    assert_eq!(app.count("SELECT count(*) FROM order_line").await, 2);
+    assert_eq!(app.count("SELECT count(*) FROM activation_code").await, 3);
+    assert_eq!(app.count("SELECT count(*) FROM email_delivery").await, 1);
+    assert_eq!(
+        app.count("SELECT count(*) FROM audit_event WHERE action = 'order.created'")
+            .await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bad_signature_or_a_stale_timestamp_gets_400_and_stores_nothing() {
+    let app = TestApp::spawn().await;
+    let body = paid_session("evt_bad", "cs_test_bad", "fay@example.com");
+    let now = chrono::Utc::now().timestamp();
+
+    let forged = entitle_jobs::channel::stripe::sign(body.as_bytes(), "whsec_wrong", now);
+    let response = app.post_stripe_signed(&body, Some(&forged)).await;
+    assert_eq!(response.status(), 400);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["code"],
+        "signature_invalid"
+    );
+
+    let stale =
+        entitle_jobs::channel::stripe::sign(body.as_bytes(), STRIPE_WEBHOOK_SECRET, now - 301);
+    let response = app.post_stripe_signed(&body, Some(&stale)).await;
+    assert_eq!(response.status(), 400);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["code"],
+        "signature_stale"
+    );
+
+    let response = app.post_stripe_signed(&body, None).await;
+    assert_eq!(response.status(), 400);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["code"],
+        "signature_missing"
+    );
+
+    let tampered = body.replace("fay@example.com", "mallory@example.com");
+    let signed_original =
+        entitle_jobs::channel::stripe::sign(body.as_bytes(), STRIPE_WEBHOOK_SECRET, now);
+    let response = app
+        .post_stripe_signed(&tampered, Some(&signed_original))
+        .await;
+    assert_eq!(response.status(), 400);
+
+    assert_eq!(app.count("SELECT count(*) FROM webhook_inbox").await, 0);
+    assert_eq!(app.count("SELECT count(*) FROM orders").await, 0);
+    assert!(
+        app.stripe.received_requests().await.unwrap().is_empty(),
+        "nothing was looked up for a rejected event"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn line_items_failing_twice_then_succeeding_still_end_in_one_correct_order() {
+    let app = TestApp::spawn().await;
+    Mock::given(method("GET"))
+        .and(path(line_items_path("cs_test_flaky")))
+        .respond_with(ResponseTemplate::new(500).set_body_string("{\"error\":{}}"))
+        .up_to_n_times(2)
+        .with_priority(1)
+        .mount(&app.stripe)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(line_items_path("cs_test_flaky")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(line_items_page(
+            "cs_test_flaky",
+            &[("price_basic_kit", 2), ("price_pro_licence", 1)],
+            false,
+        )))
+        .with_priority(2)
+        .mount(&app.stripe)
+        .await;
+
+    app.post_stripe(&paid_session(
+        "evt_flaky",
+        "cs_test_flaky",
+        "gus@example.com",
+    ))
+    .await;
+    let messages = mails(&app, 1).await;
+    assert_eq!(messages[0].codes().len(), 3);
+
+    let requests = app.stripe.received_requests().await.unwrap();
+    assert_eq!(requests.len(), 3, "two failures, then the answer");
+    let lines: Vec<(String, i32)> =
+        sqlx::query_as("SELECT channel_reference, quantity FROM order_line ORDER BY line_index")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        lines,
+        vec![
+            ("price_basic_kit".into(), 2),
+            ("price_pro_licence".into(), 1)
+        ]
+    );
+    assert_eq!(app.count("SELECT count(*) FROM orders").await, 1);
+    let (status, attempts): (String, i32) =
+        sqlx::query_as("SELECT status, attempts FROM webhook_inbox")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!((status.as_str(), attempts), ("processed", 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn line_items_spread_over_pages_are_all_issued() {
+    let app = TestApp::spawn().await;
+    let session = "cs_test_pages";
+    Mock::given(method("GET"))
+        .and(path(line_items_path(session)))
+        .and(wiremock::matchers::query_param(
+            "starting_after",
+            format!("li_{session}_price_basic_kit_0"),
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(line_items_page(
+            "second",
+            &[("price_pro_licence", 2)],
+            false,
+        )))
+        .with_priority(1)
+        .mount(&app.stripe)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(line_items_path(session)))
+        .respond_with(ResponseTemplate::new(200).set_body_json(line_items_page(
+            session,
+            &[("price_basic_kit", 1)],
+            true,
+        )))
+        .with_priority(2)
+        .mount(&app.stripe)
+        .await;
+    app.post_stripe(&paid_session("evt_pages", session, "hal@example.com"))
+        .await;
+    assert_eq!(mails(&app, 1).await[0].codes().len(), 3);
+    assert_eq!(app.count("SELECT count(*) FROM order_line").await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn smtp_down_at_first_then_up_still_delivers_exactly_one_email() {
+    let app = TestApp::spawn_with(entitle_tests::Options {
+        smtp: false,
+        worker: true,
+    })
+    .await;
+    mount_line_items(&app.stripe, "cs_test_smtp", &[("price_basic_kit", 2)]).await;
+    app.post_stripe(&paid_session("evt_smtp", "cs_test_smtp", "ivy@example.com"))
+        .await;
+
+    let last_error: String = eventually("two failed sending attempts", WAIT, || async {
+        sqlx::query_as::<_, (i32, Option<String>)>(
+            "SELECT attempts, last_error FROM email_delivery",
+        )
+        .fetch_optional(&app.pool)
+        .await
+        .unwrap()
+        .and_then(|(attempts, error)| (attempts >= 2).then_some(error).flatten())
+    })
+    .await;
+    assert!(!last_error.is_empty());
+    assert_eq!(
+        app.count("SELECT count(*) FROM email_delivery WHERE status = 'pending'")
+            .await,
+        1,
+        "still waiting to be sent, not given up"
+    );
+
+    let sink = app.start_smtp();
+    all_deliveries_sent(&app).await;
+    let messages = sink.messages();
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].codes().len(), 2);
+    assert_eq!(
+        app.count("SELECT count(*) FROM audit_event WHERE action = 'delivery.sent'")
+            .await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mistyped_code_is_reported_as_malformed_without_a_database_lookup() {
+    let app = TestApp::spawn().await;
+    mount_line_items(&app.stripe, "cs_test_typo", &[("price_basic_kit", 1)]).await;
+    app.post_stripe(&paid_session("evt_typo", "cs_test_typo", "jo@example.com"))
+        .await;
+    let code = mails(&app, 1).await[0].codes()[0].clone();
+
+    // One symbol changed: the fifth, to another valid symbol.
+    let mut typo: Vec<char> = code.chars().collect();
+    typo[5] = if typo[5] == 'X' { 'Y' } else { 'X' };
+    let typo: String = typo.into_iter().collect();
+
+    // Close the gateway's database pool: any lookup would now fail with 500.
+    app.pool.close().await;
+    let (status, body) = app.redeem(&typo, "acct_jo", "me").await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["code"], "code_malformed");
+    assert!(body["detail"].as_str().unwrap().contains("check symbol"));
+
+    let (status, body) = app.redeem(&code, "acct_jo", "me").await;
+    assert_eq!(status, 500, "the real code does need the database: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unknown_price_leaves_the_event_failed_with_its_reason() {
+    let app = TestApp::spawn().await;
+    mount_line_items(&app.stripe, "cs_test_unknown", &[("price_nobody_knows", 1)]).await;
+    let response = app
+        .post_stripe(&paid_session(
+            "evt_unknown",
+            "cs_test_unknown",
+            "kim@example.com",
+        ))
+        .await;
+    assert_eq!(response.status(), 200, "authentic events are acknowledged");
+    let (error_code, last_error): (Option<String>, Option<String>) =
+        eventually("the event marked failed", WAIT, || async {
+            sqlx::query_as(
+                "SELECT error_code, last_error FROM webhook_inbox WHERE status = 'failed'",
+            )
+            .fetch_optional(&app.pool)
+            .await
+            .unwrap()
+        })
+        .await;
+    assert_eq!(error_code.as_deref(), Some("unknown_product"));
+    assert!(last_error.unwrap().contains("price_nobody_knows"));
+    assert_eq!(app.count("SELECT count(*) FROM orders").await, 0);
+    assert_eq!(
+        app.count("SELECT count(*) FROM webhook_inbox WHERE body IS NOT NULL")
+            .await,
+        1,
+        "the event is kept to be retried"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unpaid_sessions_and_other_event_types_are_recorded_and_acknowledged() {
+    let app = TestApp::spawn().await;
+    let unpaid = entitle_tests::stripe::checkout_event(
+        "evt_unpaid",
+        "checkout.session.completed",
+        "cs_test_unpaid",
+        "lu@example.com",
+        "unpaid",
+    );
+    let other = entitle_tests::stripe::checkout_event(
+        "evt_expired",
+        "checkout.session.expired",
+        "cs_test_expired",
+        "lu@example.com",
+        "unpaid",
+    );
+    assert_eq!(app.post_stripe(&unpaid).await.status(), 200);
+    assert_eq!(app.post_stripe(&other).await.status(), 200);
+    eventually("both events ignored", WAIT, || async {
+        (app.count("SELECT count(*) FROM webhook_inbox WHERE status = 'ignored'")
+            .await
+            == 2)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(app.count("SELECT count(*) FROM orders").await, 0);
+
+    // The delayed payment succeeds later: now the order is fulfilled.
+    mount_line_items(&app.stripe, "cs_test_unpaid", &[("price_basic_kit", 1)]).await;
+    let succeeded = entitle_tests::stripe::checkout_event(
+        "evt_succeeded",
+        "checkout.session.async_payment_succeeded",
+        "cs_test_unpaid",
+        "lu@example.com",
+        "paid",
+    );
+    assert_eq!(app.post_stripe(&succeeded).await.status(), 200);
+    assert_eq!(mails(&app, 1).await[0].codes().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readiness_reports_postgres_and_redis() {
+    let app = TestApp::spawn().await;
+    let health = app
+        .http
+        .get(format!("{}/healthz", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = app
+        .http
+        .get(format!("{}/readyz", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body["postgres"], "ok");
+    assert_eq!(body["redis"], "ok");
+
+    app.pool.close().await;
+    let ready = app
+        .http
+        .get(format!("{}/readyz", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    assert_eq!(
+        ready.json::<Value>().await.unwrap()["postgres"],
+        "unavailable"
+    );
+}
+
+/// Polls all the futures together, so they really overlap.
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output> {
+    futures::future::join_all(futures).await
+}
