@@ -58,6 +58,8 @@ pub struct WorkerConfig {
     pub retry_attempts: usize,
     pub retry_min_backoff_ms: u64,
     pub retry_max_backoff_ms: u64,
+    /// Where the worker serves `/metrics`; empty for nowhere.
+    pub metrics_listen: String,
 }
 
 /// `[codes]`
@@ -146,6 +148,14 @@ impl Config {
             return Err(invalid(
                 "redis.namespace",
                 "must be non-empty without spaces",
+            ));
+        }
+        if !self.worker.metrics_listen.is_empty()
+            && self.worker.metrics_listen.parse::<SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "worker.metrics_listen",
+                "must be empty or an address like 127.0.0.1:9091",
             ));
         }
         if self.worker.poll_interval_ms == 0 {

@@ -17,6 +17,17 @@ pub fn metrics() -> PrometheusHandle {
         .clone()
 }
 
+/// Serves this process's metrics as Prometheus text on `address` (the worker
+/// has no HTTP server of its own).
+pub fn serve_metrics(address: std::net::SocketAddr) -> anyhow::Result<()> {
+    PrometheusBuilder::new()
+        .with_http_listener(address)
+        .install()
+        .map_err(|e| {
+            anyhow::anyhow!("Failed to serve metrics on {address} (worker.metrics_listen): {e}")
+        })
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`); JSON when
 /// `ENTITLE_LOG_FORMAT=json`.
 pub fn init_logging() {

@@ -241,12 +241,71 @@ impl TestApp {
         (status, response.json().await.expect("a JSON answer"))
     }
 
+    /// Every value stored under this app's Redis namespace, as text: what a
+    /// job payload or queue entry could have leaked.
+    pub async fn redis_contents(&self) -> String {
+        let client = redis::Client::open(redis_url()).expect("REDIS_URL is a URL");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("Redis is reachable");
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("*{}*", self.namespace))
+            .query_async(&mut conn)
+            .await
+            .expect("KEYS answers");
+        let mut out = String::new();
+        for key in keys {
+            let kind: String = redis::cmd("TYPE")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let command = match kind.as_str() {
+                "string" => redis::cmd("GET").arg(&key).clone(),
+                "hash" => redis::cmd("HGETALL").arg(&key).clone(),
+                "list" => redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).clone(),
+                "set" => redis::cmd("SMEMBERS").arg(&key).clone(),
+                "zset" => redis::cmd("ZRANGE").arg(&key).arg(0).arg(-1).clone(),
+                _ => continue,
+            };
+            let value: redis::Value = command.query_async(&mut conn).await.unwrap();
+            out.push_str(&key);
+            out.push_str(" =>");
+            flatten(&value, &mut out);
+            out.push('\n');
+        }
+        out
+    }
+
     /// Runs a `SELECT count(*) …` and returns the count.
     pub async fn count(&self, sql: &'static str) -> i64 {
         sqlx::query_scalar(sql)
             .fetch_one(&self.pool)
             .await
             .expect("the count query runs")
+    }
+}
+
+/// Appends every string inside a Redis reply, decoded as UTF-8.
+fn flatten(value: &redis::Value, out: &mut String) {
+    match value {
+        redis::Value::BulkString(bytes) => {
+            out.push(' ');
+            out.push_str(&String::from_utf8_lossy(bytes));
+        }
+        redis::Value::SimpleString(s) => {
+            out.push(' ');
+            out.push_str(s);
+        }
+        redis::Value::Array(items) | redis::Value::Set(items) => {
+            items.iter().for_each(|v| flatten(v, out))
+        }
+        redis::Value::Map(pairs) => pairs.iter().for_each(|(k, v)| {
+            flatten(k, out);
+            flatten(v, out);
+        }),
+        other => out.push_str(&format!(" {other:?}")),
     }
 }
 

@@ -75,7 +75,18 @@ struct Sink {
     on_receive: Option<OnReceive>,
 }
 
+/// Recipients at this domain are refused for good (550), as a real server
+/// refuses a mailbox that does not exist.
+pub const UNDELIVERABLE_DOMAIN: &str = "undeliverable.test";
+
 impl Handler for Sink {
+    fn rcpt(&mut self, to: &str) -> Response {
+        if to.trim_end_matches('>').ends_with(UNDELIVERABLE_DOMAIN) {
+            return Response::custom(550, "5.1.1 No such mailbox here".to_owned());
+        }
+        response::OK
+    }
+
     fn data_start(&mut self, _domain: &str, _from: &str, _is8bit: bool, to: &[String]) -> Response {
         self.current.clear();
         self.to = to.to_vec();

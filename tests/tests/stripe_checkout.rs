@@ -108,6 +108,14 @@ async fn a_paid_checkout_for_three_units_emails_three_distinct_codes_in_one_mess
     .await
     .unwrap();
     assert_eq!(plain, 0);
+    // Nor does Redis: its jobs carry ids only.
+    let redis = app.redis_contents().await;
+    assert!(redis.contains("inbox_id"), "the jobs were found: {redis}");
+    for code in &codes {
+        let canonical = code.replace('-', "");
+        assert!(!redis.contains(code.as_str()) && !redis.contains(&canonical));
+    }
+    assert!(!redis.contains("ada@example.com"), "nor personal data");
     let issued_events = app
         .count("SELECT count(*) FROM audit_event WHERE action = 'code.issued'")
         .await;
@@ -619,4 +627,164 @@ async fn futures_join_all<F: std::future::Future>(
     futures: impl Iterator<Item = F>,
 ) -> Vec<F::Output> {
     futures::future::join_all(futures).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mailbox_the_server_refuses_marks_the_delivery_failed_with_the_reason() {
+    let app = TestApp::spawn().await;
+    mount_line_items(&app.stripe, "cs_test_bounce", &[("price_basic_kit", 1)]).await;
+    let buyer = format!("nobody@{}", entitle_tests::smtp::UNDELIVERABLE_DOMAIN);
+    app.post_stripe(&paid_session("evt_bounce", "cs_test_bounce", &buyer))
+        .await;
+    let (attempts, error): (i32, String) =
+        eventually("the delivery marked failed", WAIT, || async {
+            sqlx::query_as(
+                "SELECT attempts, last_error FROM email_delivery WHERE status = 'failed'",
+            )
+            .fetch_optional(&app.pool)
+            .await
+            .unwrap()
+        })
+        .await;
+    assert_eq!(attempts, 1, "a permanent refusal is not retried");
+    assert!(
+        error.contains("550") || error.contains("No such mailbox"),
+        "{error}"
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM audit_event WHERE action = 'delivery.failed'")
+            .await,
+        1
+    );
+    assert!(app.mailbox().messages().is_empty());
+    // The codes themselves are intact and can be re-delivered later.
+    assert_eq!(
+        app.count("SELECT count(*) FROM activation_code WHERE state = 'issued'")
+            .await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn of_ten_accounts_redeeming_one_code_at_once_exactly_one_wins() {
+    let app = TestApp::spawn().await;
+    mount_line_items(&app.stripe, "cs_test_rush", &[("price_basic_kit", 1)]).await;
+    app.post_stripe(&paid_session("evt_rush", "cs_test_rush", "max@example.com"))
+        .await;
+    let code = mails(&app, 1).await[0].codes()[0].clone();
+
+    let accounts: Vec<String> = (0..10).map(|i| format!("acct_{i}")).collect();
+    let attempts = accounts.iter().map(|a| app.redeem(&code, a, "someone"));
+    let answers = futures_join_all(attempts).await;
+    let winners: Vec<&Value> = answers
+        .iter()
+        .filter(|(status, _)| *status == 201)
+        .map(|(_, body)| body)
+        .collect();
+    assert_eq!(winners.len(), 1, "{answers:?}");
+    for (status, body) in answers.iter().filter(|(s, _)| *s != 201) {
+        assert_eq!(*status, 409);
+        assert_eq!(body["code"], "code_already_redeemed");
+    }
+    assert_eq!(app.count("SELECT count(*) FROM assignment").await, 1);
+    assert_eq!(
+        app.count("SELECT count(*) FROM audit_event WHERE action = 'code.redeemed'")
+            .await,
+        1
+    );
+    let holder: String = sqlx::query_scalar("SELECT account_id FROM assignment")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(winners[0]["account_id"], holder);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_authentic_event_that_is_not_json_is_kept_marked_failed_and_answered_400() {
+    let app = TestApp::spawn().await;
+    let response = app.post_stripe("this is not an event").await;
+    assert_eq!(response.status(), 400);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["code"],
+        "event_malformed"
+    );
+    let (status, error_code, body): (String, Option<String>, Option<String>) =
+        sqlx::query_as("SELECT status, error_code, body FROM webhook_inbox")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "failed");
+    assert_eq!(error_code.as_deref(), Some("event_malformed"));
+    assert_eq!(body.as_deref(), Some("this is not an event"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_database_refuses_to_update_or_delete_audit_events() {
+    let app = TestApp::spawn().await;
+    mount_line_items(&app.stripe, "cs_test_audit", &[("price_basic_kit", 1)]).await;
+    app.post_stripe(&paid_session(
+        "evt_audit",
+        "cs_test_audit",
+        "ned@example.com",
+    ))
+    .await;
+    mails(&app, 1).await;
+    let before = app.count("SELECT count(*) FROM audit_event").await;
+    assert!(before > 0);
+
+    for statement in [
+        "UPDATE audit_event SET actor = 'someone else'",
+        "DELETE FROM audit_event",
+        "TRUNCATE audit_event",
+    ] {
+        let err = sqlx::query(statement)
+            .execute(&app.pool)
+            .await
+            .expect_err(statement);
+        assert!(
+            err.to_string().contains("append-only"),
+            "{statement}: {err}"
+        );
+    }
+    assert_eq!(app.count("SELECT count(*) FROM audit_event").await, before);
+    assert_eq!(
+        app.count("SELECT count(*) FROM audit_event WHERE actor = 'someone else'")
+            .await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repeated_event_after_fulfilment_is_acknowledged_and_changes_nothing() {
+    let app = TestApp::spawn().await;
+    mount_line_items(&app.stripe, "cs_test_again", &[("price_basic_kit", 2)]).await;
+    let body = paid_session("evt_again", "cs_test_again", "ola@example.com");
+    app.post_stripe(&body).await;
+    mails(&app, 1).await;
+    all_deliveries_sent(&app).await;
+
+    let response = app.post_stripe(&body).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Value>().await.unwrap()["duplicate"], true);
+    // A different event for the same session (Stripe's async success after
+    // completed) is filed but fulfils nothing twice.
+    let other = entitle_tests::stripe::checkout_event(
+        "evt_again_async",
+        "checkout.session.async_payment_succeeded",
+        "cs_test_again",
+        "ola@example.com",
+        "paid",
+    );
+    assert_eq!(app.post_stripe(&other).await.status(), 200);
+    eventually("both events processed", WAIT, || async {
+        (app.count("SELECT count(*) FROM webhook_inbox WHERE status = 'processed'")
+            .await
+            == 2)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(app.count("SELECT count(*) FROM orders").await, 1);
+    assert_eq!(app.count("SELECT count(*) FROM activation_code").await, 2);
+    assert_eq!(app.count("SELECT count(*) FROM email_delivery").await, 1);
+    assert_eq!(app.mailbox().messages().len(), 1);
 }

@@ -34,5 +34,8 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!("migrations applied and catalogue loaded");
         return Ok(());
     }
+    if let Ok(address) = ctx.config.worker.metrics_listen.parse() {
+        entitle_jobs::telemetry::serve_metrics(address)?;
+    }
     entitle_worker::run(ctx, entitle_jobs::shutdown::signal()).await
 }
