@@ -26,6 +26,17 @@ async fn mails(app: &TestApp, n: usize) -> Vec<ReceivedMail> {
     .await
 }
 
+/// A paid checkout of `items` by `buyer` through the whole path; returns the
+/// codes from the email that arrives.
+async fn buy(app: &TestApp, session: &str, items: &[(&str, u32)], buyer: &str) -> Vec<String> {
+    mount_line_items(&app.stripe, session, items).await;
+    let response = app
+        .post_stripe(&paid_session(&format!("evt_{session}"), session, buyer))
+        .await;
+    assert_eq!(response.status(), 200);
+    mails(app, 1).await[0].codes()
+}
+
 /// Waits until every delivery row is sent.
 async fn all_deliveries_sent(app: &TestApp) {
     eventually("every delivery sent", WAIT, || async {
@@ -125,14 +136,14 @@ async fn a_paid_checkout_for_three_units_emails_three_distinct_codes_in_one_mess
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_emailed_code_redeems_once_and_another_account_is_told_it_is_already_redeemed() {
     let app = TestApp::spawn().await;
-    mount_line_items(&app.stripe, "cs_test_redeem", &[("price_pro_licence", 1)]).await;
-    app.post_stripe(&paid_session(
-        "evt_redeem",
+    let code = buy(
+        &app,
         "cs_test_redeem",
+        &[("price_pro_licence", 1)],
         "bo@example.com",
-    ))
-    .await;
-    let code = mails(&app, 1).await[0].codes()[0].clone();
+    )
+    .await[0]
+        .clone();
 
     // Typed sloppily, as customers do.
     let typed = format!(" {} ", code.to_lowercase().replace('-', " "));
@@ -181,14 +192,13 @@ async fn the_emailed_code_redeems_once_and_another_account_is_told_it_is_already
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redemption_answers_carry_stable_error_codes() {
     let app = TestApp::spawn().await;
-    mount_line_items(&app.stripe, "cs_test_states", &[("price_basic_kit", 3)]).await;
-    app.post_stripe(&paid_session(
-        "evt_states",
+    let codes = buy(
+        &app,
         "cs_test_states",
+        &[("price_basic_kit", 3)],
         "cy@example.com",
-    ))
+    )
     .await;
-    let codes = mails(&app, 1).await[0].codes();
 
     // Unknown but well-formed: a fresh code that was never issued.
     let unknown = entitle_jobs::code::Code::generate().display();
@@ -492,10 +502,14 @@ async fn smtp_down_at_first_then_up_still_delivers_exactly_one_email() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_mistyped_code_is_reported_as_malformed_without_a_database_lookup() {
     let app = TestApp::spawn().await;
-    mount_line_items(&app.stripe, "cs_test_typo", &[("price_basic_kit", 1)]).await;
-    app.post_stripe(&paid_session("evt_typo", "cs_test_typo", "jo@example.com"))
-        .await;
-    let code = mails(&app, 1).await[0].codes()[0].clone();
+    let code = buy(
+        &app,
+        "cs_test_typo",
+        &[("price_basic_kit", 1)],
+        "jo@example.com",
+    )
+    .await[0]
+        .clone();
 
     // One symbol changed: the fifth, to another valid symbol.
     let mut typo: Vec<char> = code.chars().collect();
@@ -668,10 +682,14 @@ async fn a_mailbox_the_server_refuses_marks_the_delivery_failed_with_the_reason(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn of_ten_accounts_redeeming_one_code_at_once_exactly_one_wins() {
     let app = TestApp::spawn().await;
-    mount_line_items(&app.stripe, "cs_test_rush", &[("price_basic_kit", 1)]).await;
-    app.post_stripe(&paid_session("evt_rush", "cs_test_rush", "max@example.com"))
-        .await;
-    let code = mails(&app, 1).await[0].codes()[0].clone();
+    let code = buy(
+        &app,
+        "cs_test_rush",
+        &[("price_basic_kit", 1)],
+        "max@example.com",
+    )
+    .await[0]
+        .clone();
 
     let accounts: Vec<String> = (0..10).map(|i| format!("acct_{i}")).collect();
     let attempts = accounts.iter().map(|a| app.redeem(&code, a, "someone"));
