@@ -24,7 +24,7 @@ pub fn router(state: AppState) -> Router {
     let max_body = state.ctx.config.gateway.max_body_bytes;
     Router::new()
         .merge(routes::health::router())
-        .merge(routes::webhooks_stripe::router())
+        .merge(routes::webhooks::router())
         .merge(routes::redemptions::router())
         .layer(DefaultBodyLimit::max(max_body))
         .layer(TraceLayer::new_for_http())

@@ -28,14 +28,22 @@ pub struct ProductEntry {
     /// Stripe price ids that sell this product.
     #[serde(default)]
     pub stripe_prices: Vec<String>,
+    /// Shopify variant ids that sell this product.
+    #[serde(default)]
+    pub shopify_variants: Vec<String>,
+    /// Shopify SKUs that sell it, used when a variant id is not mapped.
+    #[serde(default)]
+    pub shopify_skus: Vec<String>,
+    /// SKUs of the platform's native checkout.
+    #[serde(default)]
+    pub native_skus: Vec<String>,
 }
 
 fn default_template() -> String {
     "default".to_owned()
 }
 
-/// The channel name Stripe references are filed under.
-pub const STRIPE: &str = "stripe";
+use crate::channel::{native, shopify, stripe};
 
 impl Catalogue {
     /// Reads and checks a catalogue file.
@@ -49,11 +57,28 @@ impl Catalogue {
     }
 
     /// Every (channel, reference) pair of the catalogue with its product SKU.
-    fn mappings(&self) -> Vec<(&'static str, &str, &str)> {
+    fn mappings(&self) -> Vec<(&'static str, String, &str)> {
         let mut out = Vec::new();
         for p in &self.product {
             for price in &p.stripe_prices {
-                out.push((STRIPE, price.as_str(), p.sku.as_str()));
+                out.push((stripe::CHANNEL, price.clone(), p.sku.as_str()));
+            }
+            for variant in &p.shopify_variants {
+                out.push((
+                    shopify::CHANNEL,
+                    shopify::variant_reference(variant),
+                    p.sku.as_str(),
+                ));
+            }
+            for sku in &p.shopify_skus {
+                out.push((
+                    shopify::CHANNEL,
+                    shopify::sku_reference(sku),
+                    p.sku.as_str(),
+                ));
+            }
+            for sku in &p.native_skus {
+                out.push((native::CHANNEL, sku.clone(), p.sku.as_str()));
             }
         }
         out
@@ -75,7 +100,7 @@ impl Catalogue {
         }
         let mut refs = HashMap::new();
         for (channel, reference, sku) in self.mappings() {
-            if let Some(other) = refs.insert((channel, reference), sku) {
+            if let Some(other) = refs.insert((channel, reference.clone()), sku) {
                 bail!("{channel} reference {reference} maps to both {other} and {sku}");
             }
         }

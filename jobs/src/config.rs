@@ -26,6 +26,8 @@ pub struct Config {
     pub codes: CodesConfig,
     pub catalogue: CatalogueConfig,
     pub stripe: StripeConfig,
+    pub shopify: ShopifyConfig,
+    pub native: NativeConfig,
     pub email: EmailConfig,
 }
 
@@ -60,6 +62,7 @@ pub struct WorkerConfig {
     pub retry_max_backoff_ms: u64,
     /// Where the worker serves `/metrics`; empty for nowhere.
     pub metrics_listen: String,
+    pub issue_batch_size: u32,
 }
 
 /// `[codes]`
@@ -85,6 +88,20 @@ pub struct StripeConfig {
     pub api_timeout_secs: u64,
 }
 
+/// `[shopify]`
+#[derive(Debug, Clone, Deserialize)]
+pub struct ShopifyConfig {
+    pub webhook_secrets: Vec<SecretString>,
+    pub max_event_age_secs: u64,
+}
+
+/// `[native]`
+#[derive(Debug, Clone, Deserialize)]
+pub struct NativeConfig {
+    pub webhook_secrets: Vec<SecretString>,
+    pub signature_tolerance_secs: u64,
+}
+
 /// `[email]`
 #[derive(Debug, Clone, Deserialize)]
 pub struct EmailConfig {
@@ -94,6 +111,8 @@ pub struct EmailConfig {
     pub message_id_domain: String,
     pub smtp_timeout_secs: u64,
     pub templates_dir: String,
+    pub bulk_threshold: u32,
+    pub notify_revocations: bool,
 }
 
 /// A configuration that cannot be used, naming the key at fault.
@@ -172,22 +191,28 @@ impl Config {
                 "must be at least 1 and not above worker.retry_max_backoff_ms",
             ));
         }
-        if self.stripe.webhook_secrets.is_empty() {
-            return Err(invalid(
-                "stripe.webhook_secrets",
-                "at least one signing secret is needed to accept Stripe webhooks",
-            ));
+        for (key, secrets) in [
+            ("stripe.webhook_secrets", &self.stripe.webhook_secrets),
+            ("shopify.webhook_secrets", &self.shopify.webhook_secrets),
+            ("native.webhook_secrets", &self.native.webhook_secrets),
+        ] {
+            if secrets.iter().any(|s| s.expose_secret().is_empty()) {
+                return Err(invalid(key, "contains an empty secret"));
+            }
         }
         if self
-            .stripe
+            .native
             .webhook_secrets
             .iter()
-            .any(|s| s.expose_secret().is_empty())
+            .any(|s| crate::channel::native::secret_key(s.expose_secret()).is_none())
         {
             return Err(invalid(
-                "stripe.webhook_secrets",
-                "contains an empty secret",
+                "native.webhook_secrets",
+                "each secret must be whsec_ followed by base64",
             ));
+        }
+        if self.worker.issue_batch_size == 0 {
+            return Err(invalid("worker.issue_batch_size", "must be at least 1"));
         }
         reqwest::Url::parse(&self.stripe.api_base)
             .map_err(|e| invalid("stripe.api_base", e.to_string()))?;
@@ -259,7 +284,11 @@ mod tests {
                 "codes.seal_key",
                 "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
             ))
-            .merge(Serialized::default("stripe.webhook_secrets", ["whsec_x"]));
+            .merge(Serialized::default("stripe.webhook_secrets", ["whsec_x"]))
+            .merge(Serialized::default(
+                "native.webhook_secrets",
+                ["whsec_bmF0aXZl"],
+            ));
         for (k, v) in pairs {
             f = f.merge(Serialized::default(k, v));
         }
@@ -283,6 +312,13 @@ mod tests {
     fn a_mistyped_value_names_its_key() {
         let err = with(&[("worker.concurrency", "many".into())]).unwrap_err();
         assert!(err.to_string().contains("concurrency"), "{err}");
+    }
+
+    #[test]
+    fn a_native_secret_that_is_not_base64_is_refused() {
+        let err =
+            with(&[("native.webhook_secrets", serde_json::json!(["whsec_%%%"]))]).unwrap_err();
+        assert!(err.to_string().contains("native.webhook_secrets"), "{err}");
     }
 
     #[test]

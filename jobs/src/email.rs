@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use lettre::{
     AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor,
-    message::{Mailbox, MultiPart},
+    message::{Mailbox, MultiPart, header::ContentType},
 };
 use minijinja::Environment;
 use secrecy::ExposeSecret;
@@ -28,14 +28,71 @@ const BUILT_IN: &[(&str, &str)] = &[
         "default/codes.html",
         include_str!("../../ops/templates/default/codes.html"),
     ),
+    (
+        "default/bulk.subject.txt",
+        include_str!("../../ops/templates/default/bulk.subject.txt"),
+    ),
+    (
+        "default/bulk.txt",
+        include_str!("../../ops/templates/default/bulk.txt"),
+    ),
+    (
+        "default/bulk.html",
+        include_str!("../../ops/templates/default/bulk.html"),
+    ),
+    (
+        "default/gift.subject.txt",
+        include_str!("../../ops/templates/default/gift.subject.txt"),
+    ),
+    (
+        "default/gift.txt",
+        include_str!("../../ops/templates/default/gift.txt"),
+    ),
+    (
+        "default/gift.html",
+        include_str!("../../ops/templates/default/gift.html"),
+    ),
+    (
+        "default/receipt.subject.txt",
+        include_str!("../../ops/templates/default/receipt.subject.txt"),
+    ),
+    (
+        "default/receipt.txt",
+        include_str!("../../ops/templates/default/receipt.txt"),
+    ),
+    (
+        "default/receipt.html",
+        include_str!("../../ops/templates/default/receipt.html"),
+    ),
+    (
+        "default/revoked.subject.txt",
+        include_str!("../../ops/templates/default/revoked.subject.txt"),
+    ),
+    (
+        "default/revoked.txt",
+        include_str!("../../ops/templates/default/revoked.txt"),
+    ),
+    (
+        "default/revoked.html",
+        include_str!("../../ops/templates/default/revoked.html"),
+    ),
 ];
 
 /// One code as an email shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct CodeLine {
     pub display: String,
+    pub last4: String,
     pub product: String,
     pub expires_on: String,
+}
+
+/// A file sent along with a message.
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    pub filename: String,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
 }
 
 /// A rendered message, ready to send.
@@ -46,6 +103,7 @@ pub struct Letter {
     pub text: String,
     pub html: String,
     pub message_id: String,
+    pub attachment: Option<Attachment>,
 }
 
 /// Why a message was not sent.
@@ -99,44 +157,69 @@ impl Mailer {
         })
     }
 
-    /// Renders the message carrying `codes` in template family `family`.
-    pub fn codes_letter(
+    /// Renders template `name` (`codes`, `bulk`, `gift`, `receipt`,
+    /// `revoked`) of template family `family`, falling back to the default
+    /// family for templates it does not have. `context` is merged with
+    /// `recipient_name` and `redeem_url`.
+    pub fn letter(
         &self,
         family: &str,
+        name: &str,
         to: Mailbox,
         message_id: &str,
-        codes: &[CodeLine],
+        context: minijinja::Value,
+        attachment: Option<Attachment>,
     ) -> anyhow::Result<Letter> {
         let context = minijinja::context! {
             recipient_name => to.name.clone(),
-            codes => codes,
             redeem_url => self.redeem_url,
+            attachment_name => attachment.as_ref().map(|a| a.filename.clone()),
+            ..context
         };
         let render = |part: &str| -> anyhow::Result<String> {
-            let name = format!("{family}/codes.{part}");
-            self.templates
-                .get_template(&name)
-                .with_context(|| format!("Failed to find email template {name}"))?
+            let wanted = format!("{family}/{name}.{part}");
+            let template = match self.templates.get_template(&wanted) {
+                Ok(t) => t,
+                Err(_) => {
+                    let fallback = format!("default/{name}.{part}");
+                    self.templates.get_template(&fallback).with_context(|| {
+                        format!("Failed to find email template {wanted} or {fallback}")
+                    })?
+                }
+            };
+            template
                 .render(&context)
-                .with_context(|| format!("Failed to render email template {name}"))
+                .with_context(|| format!("Failed to render email template {wanted}"))
         };
         Ok(Letter {
             subject: render("subject.txt")?.trim().to_owned(),
             text: render("txt")?,
             html: render("html")?,
             message_id: message_id.to_owned(),
+            attachment,
             to,
         })
     }
 
     /// Sends a letter; the answer is the server's reply, kept on the delivery.
     pub async fn send(&self, letter: Letter) -> Result<String, SendError> {
+        let body = MultiPart::alternative_plain_html(letter.text, letter.html);
+        let body = match letter.attachment {
+            None => body,
+            Some(a) => {
+                let content_type = ContentType::parse(a.content_type)
+                    .map_err(|e| SendError::Permanent(format!("attachment type: {e}")))?;
+                MultiPart::mixed().multipart(body).singlepart(
+                    lettre::message::Attachment::new(a.filename).body(a.body, content_type),
+                )
+            }
+        };
         let message = Message::builder()
             .from(self.from.clone())
             .to(letter.to)
             .subject(letter.subject)
             .message_id(Some(letter.message_id))
-            .multipart(MultiPart::alternative_plain_html(letter.text, letter.html))
+            .multipart(body)
             .map_err(|e| SendError::Permanent(format!("message could not be built: {e}")))?;
         match self.transport.send(message).await {
             Ok(response) => Ok(format!(

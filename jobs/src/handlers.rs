@@ -1,15 +1,18 @@
 //! The job handlers, independent of the queue that runs them so tests can call
 //! them directly.
 
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::{
-    channel::stripe,
+    adjustment::{self, Kind},
+    channel::{native, shopify, stripe},
     command::Command,
     context::Context,
     delivery::{self, Attempt},
     error::JobError,
-    inbox, issuance,
+    inbox,
+    issuance::{self, IssueSettings},
 };
 
 /// Processes one stored webhook event: maps it to a command and carries it
@@ -49,6 +52,8 @@ async fn run_event(ctx: &Context, inbox_id: Uuid) -> Result<(), JobError> {
     };
     let command = match event.channel.as_str() {
         stripe::CHANNEL => ctx.stripe.interpret(body).await?,
+        shopify::CHANNEL => shopify::interpret(&event.event_type, body)?,
+        native::CHANNEL => native::interpret(&event.event_type, body)?,
         other => {
             return Err(JobError::permanent(
                 "channel_unknown",
@@ -56,32 +61,82 @@ async fn run_event(ctx: &Context, inbox_id: Uuid) -> Result<(), JobError> {
             ));
         }
     };
-    match command {
+    let settings = IssueSettings {
+        message_id_domain: &ctx.config.email.message_id_domain,
+        batch_size: ctx.config.worker.issue_batch_size,
+        notify_revocations: ctx.config.email.notify_revocations,
+    };
+    let deliveries = match command {
         Command::Acknowledge { why } => {
             inbox::finish(&ctx.pool, inbox_id, "ignored", None, &why).await?;
+            Vec::new()
         }
         Command::Purchase(purchase) => {
-            let issued = issuance::fulfil(
-                &ctx.pool,
-                &ctx.keys,
-                &ctx.config.email.message_id_domain,
-                inbox_id,
-                &purchase,
-            )
-            .await?;
-            for delivery in issued.map(|i| i.deliveries).unwrap_or_default() {
-                // If this fails the delivery stays pending in Postgres, where
-                // the sweep finds it; the order itself is already safe.
-                if let Err(e) = ctx.queues.send_delivery(delivery).await {
-                    tracing::error!(%delivery, error = format!("{e:#}"), "delivery not enqueued");
-                }
-            }
+            issuance::fulfil(&ctx.pool, &ctx.keys, &settings, inbox_id, &purchase)
+                .await?
+                .map(|issued| issued.deliveries)
+                .unwrap_or_default()
         }
+        Command::Refund(refund) => {
+            adjustment::record(&ctx.pool, &settings, inbox_id, Kind::Refund, &refund).await?
+        }
+        Command::Cancellation(cancellation) => {
+            adjustment::record(
+                &ctx.pool,
+                &settings,
+                inbox_id,
+                Kind::Cancellation,
+                &cancellation,
+            )
+            .await?
+        }
+    };
+    for (delivery, due) in deliveries {
+        enqueue_delivery(ctx, delivery, due).await;
     }
     Ok(())
 }
 
-/// Sends one email delivery.
+/// Enqueues a delivery for when it is due. If Redis fails the delivery stays
+/// pending in Postgres, where the sweep finds it; nothing is lost.
+pub async fn enqueue_delivery(ctx: &Context, delivery: Uuid, due: DateTime<Utc>) {
+    let result = if due > Utc::now() {
+        ctx.queues.send_delivery_at(delivery, due).await
+    } else {
+        ctx.queues.send_delivery(delivery).await
+    };
+    if let Err(e) = result {
+        tracing::error!(%delivery, error = format!("{e:#}"), "delivery not enqueued");
+    }
+}
+
+/// Sends one email delivery; one that is not due yet is enqueued again for
+/// its time.
 pub async fn send_delivery(ctx: &Context, delivery_id: Uuid) -> Result<Attempt, JobError> {
-    delivery::send(&ctx.pool, &ctx.keys, &ctx.mailer, delivery_id).await
+    let attempt = delivery::send(
+        &ctx.pool,
+        &ctx.keys,
+        &ctx.mailer,
+        ctx.config.email.bulk_threshold as usize,
+        delivery_id,
+    )
+    .await?;
+    if let Attempt::NotDue(due) = attempt {
+        ctx.queues.send_delivery_at(delivery_id, due).await?;
+    }
+    Ok(attempt)
+}
+
+/// Puts failed events back to pending and enqueues them (after the cause,
+/// such as a missing catalogue entry, was fixed). Returns their ids.
+pub async fn retry_failed_events(
+    ctx: &Context,
+    filter: &inbox::RetryFilter,
+    actor: &str,
+) -> Result<Vec<Uuid>, JobError> {
+    let ids = inbox::reopen_failed(&ctx.pool, filter, actor).await?;
+    for id in &ids {
+        ctx.queues.process_event(*id).await?;
+    }
+    Ok(ids)
 }

@@ -140,3 +140,48 @@ pub async fn finish(
     }
     tx.commit().await
 }
+
+/// Which failed events to reopen.
+#[derive(Debug, Clone, Default)]
+pub struct RetryFilter {
+    /// Only this event (inbox id).
+    pub id: Option<Uuid>,
+    /// Only events of this channel.
+    pub channel: Option<String>,
+    /// Only events that failed with this error code (e.g. `unknown_product`).
+    pub error_code: Option<String>,
+}
+
+/// Puts matching failed events back to pending, each with an audit event.
+pub async fn reopen_failed(
+    pool: &PgPool,
+    filter: &RetryFilter,
+    actor: &str,
+) -> sqlx::Result<Vec<Uuid>> {
+    let mut tx = pool.begin().await?;
+    let ids: Vec<Uuid> = sqlx::query_scalar(
+        "UPDATE webhook_inbox SET status = 'pending', processed_at = NULL
+         WHERE status = 'failed' AND body IS NOT NULL
+           AND ($1::uuid IS NULL OR id = $1)
+           AND ($2::text IS NULL OR channel = $2)
+           AND ($3::text IS NULL OR error_code = $3)
+         RETURNING id",
+    )
+    .bind(filter.id)
+    .bind(&filter.channel)
+    .bind(&filter.error_code)
+    .fetch_all(&mut *tx)
+    .await?;
+    let events: Vec<(String, serde_json::Value)> = ids
+        .iter()
+        .map(|id| {
+            (
+                id.to_string(),
+                json!({ "before": { "status": "failed" }, "after": { "status": "pending" } }),
+            )
+        })
+        .collect();
+    audit::record_many(&mut tx, actor, "event.retried", "webhook_event", &events).await?;
+    tx.commit().await?;
+    Ok(ids)
+}

@@ -2,6 +2,7 @@
 //! storage, codes, channel adapters, the channel-neutral commands, job
 //! payloads and handlers, and email.
 
+pub mod adjustment;
 pub mod audit;
 pub mod catalogue;
 pub mod channel;
@@ -13,6 +14,7 @@ pub mod db;
 pub mod delivery;
 pub mod email;
 pub mod error;
+pub mod finding;
 pub mod handlers;
 pub mod inbox;
 pub mod issuance;

@@ -2,7 +2,7 @@
 //! else, so a flushed Redis loses no data.
 
 use anyhow::Context as _;
-use apalis::prelude::TaskSink;
+use apalis::prelude::{TaskBuilder, TaskSink};
 use apalis_redis::{Config as QueueConfig, ConnectionManager, RedisStorage};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
@@ -62,6 +62,23 @@ impl Queues {
             .push(SendDelivery { delivery_id })
             .await
             .context("Failed to enqueue an email delivery")
+    }
+
+    /// Enqueues sending of a delivery that is due at `due`. The schedule lives
+    /// in Redis, so it survives worker restarts.
+    pub async fn send_delivery_at(
+        &self,
+        delivery_id: Uuid,
+        due: chrono::DateTime<chrono::Utc>,
+    ) -> anyhow::Result<()> {
+        let task = TaskBuilder::new(SendDelivery { delivery_id })
+            .run_at_time(std::time::SystemTime::from(due))
+            .build();
+        self.deliveries
+            .clone()
+            .push_task(task)
+            .await
+            .context("Failed to schedule an email delivery")
     }
 
     /// Round-trips a PING, for readiness checks.

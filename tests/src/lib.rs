@@ -19,6 +19,11 @@ use crate::smtp::SmtpSink;
 
 /// The webhook signing secret every test app is configured with.
 pub const STRIPE_WEBHOOK_SECRET: &str = "whsec_test_entitle";
+/// Shopify's current app secret in tests, and the one being rotated out.
+pub const SHOPIFY_SECRET: &str = "shpss_test_current";
+pub const SHOPIFY_PREVIOUS_SECRET: &str = "shpss_test_previous";
+/// The native checkout's Standard Webhooks secret in tests.
+pub const NATIVE_SECRET: &str = "whsec_bmF0aXZlLWNoZWNrb3V0LXRlc3Qtc2VjcmV0";
 
 fn admin_database_url() -> String {
     std::env::var("DATABASE_URL")
@@ -124,6 +129,7 @@ impl TestApp {
                     "worker": {
                         "concurrency": 4,
                         "poll_interval_ms": 20,
+                        "issue_batch_size": 500,
                         "retry_attempts": 25,
                         "retry_min_backoff_ms": 50,
                         "retry_max_backoff_ms": 400
@@ -135,6 +141,14 @@ impl TestApp {
                         "api_key": "sk_test_entitle",
                         "api_base": stripe.uri(),
                         "api_timeout_secs": 5
+                    },
+                    "shopify": {
+                        "webhook_secrets": [SHOPIFY_SECRET, SHOPIFY_PREVIOUS_SECRET],
+                        "max_event_age_secs": 172800
+                    },
+                    "native": {
+                        "webhook_secrets": [NATIVE_SECRET],
+                        "signature_tolerance_secs": 300
                     },
                     "email": {
                         "smtp_url": format!("smtp://127.0.0.1:{smtp_port}"),

@@ -32,7 +32,8 @@ async fn process_event(job: ProcessEvent, ctx: Data<Context>) -> Result<(), BoxD
 
 async fn send_delivery(job: SendDelivery, ctx: Data<Context>) -> Result<(), BoxDynError> {
     match handlers::send_delivery(&ctx, job.delivery_id).await? {
-        Attempt::Sent | Attempt::NothingToDo | Attempt::Failed | Attempt::NotDue => Ok(()),
+        // A delivery not yet due was scheduled again for its time.
+        Attempt::Sent | Attempt::NothingToDo | Attempt::Failed | Attempt::NotDue(_) => Ok(()),
     }
 }
 

@@ -21,6 +21,19 @@ enum Command {
     Run,
     /// Apply database migrations and load the catalogue, then exit.
     Migrate,
+    /// Put failed webhook events back in the queue (after fixing their cause,
+    /// e.g. mapping a product in the catalogue), then exit.
+    RetryFailed {
+        /// Only this event (its inbox id).
+        #[arg(long)]
+        event: Option<uuid::Uuid>,
+        /// Only events of this channel (stripe, shopify, native).
+        #[arg(long)]
+        channel: Option<String>,
+        /// Only events that failed with this code (e.g. unknown_product).
+        #[arg(long)]
+        error_code: Option<String>,
+    },
 }
 
 #[tokio::main]
@@ -30,9 +43,30 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref())?;
     let ctx = Context::connect(config).await?;
     ctx.prepare().await?;
-    if let Some(Command::Migrate) = cli.command {
-        tracing::info!("migrations applied and catalogue loaded");
-        return Ok(());
+    match cli.command {
+        Some(Command::Migrate) => {
+            tracing::info!("migrations applied and catalogue loaded");
+            return Ok(());
+        }
+        Some(Command::RetryFailed {
+            event,
+            channel,
+            error_code,
+        }) => {
+            let filter = entitle_jobs::inbox::RetryFilter {
+                id: event,
+                channel,
+                error_code,
+            };
+            let ids =
+                entitle_jobs::handlers::retry_failed_events(&ctx, &filter, "operator:cli").await?;
+            println!("{} failed event(s) queued again", ids.len());
+            for id in ids {
+                println!("{id}");
+            }
+            return Ok(());
+        }
+        Some(Command::Run) | None => {}
     }
     if let Ok(address) = ctx.config.worker.metrics_listen.parse() {
         entitle_jobs::telemetry::serve_metrics(address)?;

@@ -2,4 +2,4 @@
 
 pub mod health;
 pub mod redemptions;
-pub mod webhooks_stripe;
+pub mod webhooks;

@@ -1,19 +1,18 @@
 //! Stripe Checkout: `Stripe-Signature` verification, event envelopes, and the
 //! mapping of paid Checkout Sessions (with their line items, read from
-//! Stripe's API) to a [`Purchase`].
+//! Stripe's API), refunded charges and failed payments to commands.
 
 use std::time::Duration;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
-use hmac::{Hmac, KeyInit, Mac};
+use hmac::Mac;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
-use sha2::Sha256;
 
-use super::SignatureError;
+use super::{Envelope, SignatureError, any_matches};
 use crate::{
-    command::{Command, Purchase, PurchaseLine},
+    command::{Adjustment, AdjustmentScope, Command, Purchase, PurchaseLine, gift_from_pairs},
     config::StripeConfig,
     error::JobError,
 };
@@ -31,6 +30,9 @@ pub fn verify_signature(
     tolerance: Duration,
     now: DateTime<Utc>,
 ) -> Result<(), SignatureError> {
+    if secrets.is_empty() {
+        return Err(SignatureError::NotConfigured);
+    }
     let header = header.ok_or(SignatureError::Missing)?;
     let mut timestamp = None;
     let mut signatures = Vec::new();
@@ -56,43 +58,47 @@ pub fn verify_signature(
     if signatures.is_empty() {
         return Err(SignatureError::Malformed);
     }
-    let age = now.timestamp().abs_diff(timestamp);
-    if age > tolerance.as_secs() {
+    if now.timestamp().abs_diff(timestamp) > tolerance.as_secs() {
         return Err(SignatureError::Stale);
     }
-    for secret in secrets {
-        let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose_secret().as_bytes())
-            .expect("HMAC takes any key length");
-        mac.update(timestamp.to_string().as_bytes());
-        mac.update(b".");
-        mac.update(body);
-        for signature in &signatures {
-            if mac.clone().verify_slice(signature).is_ok() {
-                return Ok(());
-            }
-        }
+    let keys: Vec<Vec<u8>> = secrets
+        .iter()
+        .map(|s| s.expose_secret().as_bytes().to_vec())
+        .collect();
+    let t = timestamp.to_string();
+    if any_matches(&keys, &[t.as_bytes(), b".", body], &signatures) {
+        Ok(())
+    } else {
+        Err(SignatureError::Mismatch)
     }
-    Err(SignatureError::Mismatch)
 }
 
 /// Computes a `Stripe-Signature` header for a body, as Stripe does; used by
-/// tests and by operators replaying events by hand.
+/// tests and by the local demo.
 pub fn sign(body: &[u8], secret: &str, timestamp: i64) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
-    mac.update(format!("{timestamp}.").as_bytes());
-    mac.update(body);
+    let t = timestamp.to_string();
+    let mac = super::hmac_sha256(secret.as_bytes(), &[t.as_bytes(), b".", body]);
     format!(
         "t={timestamp},v1={}",
         hex::encode(mac.finalize().into_bytes())
     )
 }
 
-/// The part of every Stripe event the gateway needs to file it.
 #[derive(Debug, Deserialize)]
-pub struct Envelope {
-    pub id: String,
+struct EventHead {
+    id: String,
     #[serde(rename = "type")]
-    pub event_type: String,
+    event_type: String,
+}
+
+/// Names an event by Stripe's event id and type.
+pub fn envelope(body: &str) -> Result<Envelope, String> {
+    let head: EventHead =
+        serde_json::from_str(body).map_err(|e| format!("the event is not a Stripe event: {e}"))?;
+    Ok(Envelope {
+        event_id: head.id,
+        event_type: head.event_type,
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -119,6 +125,28 @@ struct CheckoutSession {
     amount_total: Option<i64>,
     currency: Option<String>,
     created: Option<i64>,
+    payment_intent: Option<String>,
+    #[serde(default)]
+    custom_fields: Vec<CustomField>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CustomField {
+    key: String,
+    text: Option<TextValue>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TextValue {
+    value: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Charge {
+    id: String,
+    payment_intent: Option<String>,
+    amount_refunded: i64,
+    refunded: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -212,18 +240,32 @@ impl StripeApi {
 
     /// Turns a stored Stripe event into a command.
     pub async fn interpret(&self, body: &str) -> Result<Command, JobError> {
-        let event: Event = serde_json::from_str(body)
-            .map_err(|e| JobError::permanent("event_malformed", e.to_string()))?;
+        let event: Event = serde_json::from_str(body).map_err(malformed)?;
         match event.event_type.as_str() {
             "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {}
+            "checkout.session.async_payment_failed" => {
+                let session: CheckoutSession =
+                    serde_json::from_value(event.data.object).map_err(malformed)?;
+                return Ok(Command::Cancellation(Adjustment {
+                    channel: CHANNEL.to_owned(),
+                    adjustment_key: format!("session:{}:payment_failed", session.id),
+                    order_key: session.id,
+                    scope: AdjustmentScope::Full,
+                }));
+            }
+            "charge.refunded" => {
+                let charge: Charge =
+                    serde_json::from_value(event.data.object).map_err(malformed)?;
+                return refund(charge);
+            }
             other => {
                 return Ok(Command::Acknowledge {
                     why: format!("{other} needs no action"),
                 });
             }
         }
-        let session: CheckoutSession = serde_json::from_value(event.data.object)
-            .map_err(|e| JobError::permanent("event_malformed", e.to_string()))?;
+        let session: CheckoutSession =
+            serde_json::from_value(event.data.object).map_err(malformed)?;
         let paid = matches!(
             session.payment_status.as_deref(),
             Some("paid") | Some("no_payment_required")
@@ -261,7 +303,7 @@ impl StripeApi {
                 continue;
             }
             lines.push(PurchaseLine {
-                reference: price.id,
+                references: vec![price.id],
                 quantity,
                 unit_amount: price.unit_amount,
                 amount_total: item.amount_total,
@@ -283,7 +325,17 @@ impl StripeApi {
                 .get("account_id")
                 .cloned()
                 .or(session.client_reference_id),
-            gift: None,
+            gift: gift_from_pairs(
+                session
+                    .metadata
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .chain(session.custom_fields.iter().filter_map(|f| {
+                        let value = f.text.as_ref()?.value.as_deref()?;
+                        Some((f.key.as_str(), value))
+                    })),
+            ),
+            payment_reference: session.payment_intent,
             currency: session.currency,
             amount_total: session.amount_total,
             paid_at: session
@@ -292,6 +344,32 @@ impl StripeApi {
             lines,
         })))
     }
+}
+
+fn malformed(e: impl std::fmt::Display) -> JobError {
+    JobError::permanent("event_malformed", e.to_string())
+}
+
+/// A refunded charge: wholly, or by its cumulative refunded amount. Keyed by
+/// that amount, so the same refund reported twice applies once and a later,
+/// larger refund applies the difference.
+fn refund(charge: Charge) -> Result<Command, JobError> {
+    let order_key = charge
+        .payment_intent
+        .clone()
+        .ok_or_else(|| malformed(format!("charge {} names no payment_intent", charge.id)))?;
+    Ok(Command::Refund(Adjustment {
+        channel: CHANNEL.to_owned(),
+        order_key,
+        adjustment_key: format!("charge:{}:refunded:{}", charge.id, charge.amount_refunded),
+        scope: if charge.refunded {
+            AdjustmentScope::Full
+        } else {
+            AdjustmentScope::Amount {
+                cumulative: charge.amount_refunded,
+            }
+        },
+    }))
 }
 
 #[cfg(test)]

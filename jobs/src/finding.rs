@@ -1,0 +1,64 @@
+//! Findings: exceptions for operations to review (a refunded code that was
+//! already redeemed, a refund that cannot be matched to units, and later the
+//! mismatches reconciliation finds). The same finding is recorded once.
+
+use serde_json::json;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::audit::{self, AuditEvent};
+
+/// A finding to record.
+#[derive(Debug, Clone)]
+pub struct NewFinding<'a> {
+    pub kind: &'a str,
+    pub order_id: Option<Uuid>,
+    pub code_id: Option<Uuid>,
+    pub channel: Option<&'a str>,
+    pub channel_reference: Option<&'a str>,
+    pub detail: String,
+    pub action_taken: Option<&'a str>,
+    /// What makes two findings the same one.
+    pub dedupe_key: String,
+}
+
+/// Records a finding unless it already exists; returns whether it was new.
+pub async fn record(conn: &mut PgConnection, actor: &str, f: NewFinding<'_>) -> sqlx::Result<bool> {
+    let id = Uuid::now_v7();
+    let inserted = sqlx::query(
+        "INSERT INTO reconciliation_finding
+            (id, kind, order_id, code_id, channel, channel_reference, detail, action_taken, dedupe_key)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+         ON CONFLICT (dedupe_key) DO NOTHING",
+    )
+    .bind(id)
+    .bind(f.kind)
+    .bind(f.order_id)
+    .bind(f.code_id)
+    .bind(f.channel)
+    .bind(f.channel_reference)
+    .bind(&f.detail)
+    .bind(f.action_taken)
+    .bind(&f.dedupe_key)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected()
+        == 1;
+    if inserted {
+        audit::record(
+            conn,
+            AuditEvent {
+                actor,
+                action: "finding.opened",
+                subject_type: "finding",
+                subject_id: id.to_string(),
+                reason: Some(&f.detail),
+                data: json!({ "kind": f.kind, "order": f.order_id, "code": f.code_id }),
+            },
+        )
+        .await?;
+        metrics::counter!("entitle_findings_opened_total", "kind" => f.kind.to_owned())
+            .increment(1);
+    }
+    Ok(inserted)
+}
