@@ -50,15 +50,17 @@ pub async fn send(
     .fetch_optional(pool)
     .await?;
     let Some(row) = claimed else {
-        let later: Option<DateTime<Utc>> = sqlx::query_scalar(
-            "SELECT send_after FROM email_delivery
-             WHERE id = $1 AND status = 'pending' AND send_after > now()",
+        // Still pending means not due when the claim ran (it may be due by
+        // now): the caller schedules it again, so it is never left behind.
+        let pending: Option<DateTime<Utc>> = sqlx::query_scalar(
+            "SELECT send_after FROM email_delivery WHERE id = $1 AND status = 'pending'",
         )
         .bind(id)
         .fetch_optional(pool)
         .await?;
-        return Ok(later.map_or(Attempt::NothingToDo, Attempt::NotDue));
+        return Ok(pending.map_or(Attempt::NothingToDo, Attempt::NotDue));
     };
+    tracing::debug!(delivery = %id, "delivery claimed");
     let recipient: String = row.get("recipient_email");
     let recipient_name: Option<String> = row.get("recipient_name");
     let message_id: String = row.get("message_id");
@@ -96,6 +98,7 @@ pub async fn send(
         }
     };
 
+    tracing::debug!(delivery = %id, "sending");
     match mailer.send(letter).await {
         Ok(reply) => {
             let mut tx = pool.begin().await?;

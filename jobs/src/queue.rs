@@ -71,8 +71,11 @@ impl Queues {
         delivery_id: Uuid,
         due: chrono::DateTime<chrono::Utc>,
     ) -> anyhow::Result<()> {
+        // The queue counts whole seconds: round up, so the job does not run
+        // (and find the delivery not yet due) up to a second early.
+        let secs = due.timestamp() + i64::from(due.timestamp_subsec_nanos() > 0);
         let task = TaskBuilder::new(SendDelivery { delivery_id })
-            .run_at_time(std::time::SystemTime::from(due))
+            .run_at_timestamp(secs.max(0) as u64)
             .build();
         self.deliveries
             .clone()

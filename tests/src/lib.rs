@@ -2,6 +2,7 @@
 //! `127.0.0.1:0`, each test with its own Postgres database, its own Redis
 //! namespace, a wiremock stand-in for Stripe's API and a real SMTP server.
 
+pub mod channels;
 pub mod smtp;
 pub mod stripe;
 
@@ -16,6 +17,9 @@ use uuid::Uuid;
 use wiremock::MockServer;
 
 use crate::smtp::SmtpSink;
+
+/// How long a test waits for the worker before it fails.
+pub const WAIT: Duration = Duration::from_secs(30);
 
 /// The webhook signing secret every test app is configured with.
 pub const STRIPE_WEBHOOK_SECRET: &str = "whsec_test_entitle";
@@ -72,6 +76,26 @@ pub struct TestApp {
     database: String,
     namespace: String,
     shutdown: tokio::sync::watch::Sender<bool>,
+    worker_shutdown: Mutex<Option<RunningWorker>>,
+}
+
+/// The in-process worker: how to stop it, and its task.
+struct RunningWorker {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+fn start_worker(ctx: &Context) -> RunningWorker {
+    let (stop, _) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(entitle_worker::run(ctx.clone(), stopped(&stop)));
+    RunningWorker { stop, task }
+}
+
+fn stopped(shutdown: &tokio::sync::watch::Sender<bool>) -> impl Future<Output = ()> + use<> {
+    let mut rx = shutdown.subscribe();
+    async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
 }
 
 /// Logs for failing tests: `RUST_LOG=debug cargo test`.
@@ -167,12 +191,6 @@ impl TestApp {
             .expect("Postgres and Redis are reachable");
         ctx.prepare().await.expect("migrations and catalogue load");
         let (shutdown, _) = tokio::sync::watch::channel(false);
-        let stopped = |shutdown: &tokio::sync::watch::Sender<bool>| {
-            let mut rx = shutdown.subscribe();
-            async move {
-                let _ = rx.wait_for(|stop| *stop).await;
-            }
-        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("a port for the gateway");
@@ -182,9 +200,7 @@ impl TestApp {
             listener,
             stopped(&shutdown),
         ));
-        if options.worker {
-            tokio::spawn(entitle_worker::run(ctx.clone(), stopped(&shutdown)));
-        }
+        let worker_shutdown = options.worker.then(|| start_worker(&ctx));
         Self {
             address,
             pool: ctx.pool.clone(),
@@ -196,7 +212,56 @@ impl TestApp {
             database,
             namespace,
             shutdown,
+            worker_shutdown: Mutex::new(worker_shutdown),
         }
+    }
+
+    /// Stops the in-process worker (letting running jobs finish) and starts a
+    /// new one, as a deploy or a crash-and-restart would.
+    pub async fn restart_worker(&self) {
+        let old = self.worker_shutdown.lock().unwrap().take();
+        if let Some(old) = old {
+            let _ = old.stop.send(true);
+            let started = std::time::Instant::now();
+            let _ = old.task.await;
+            tracing::info!(took = ?started.elapsed(), "worker stopped");
+        }
+        let new = start_worker(&self.ctx);
+        *self.worker_shutdown.lock().unwrap() = Some(new);
+    }
+
+    /// Waits until the mailbox holds at least `n` messages; returns them all.
+    pub async fn mails(&self, n: usize) -> Vec<smtp::ReceivedMail> {
+        let mailbox = self.mailbox();
+        eventually(&format!("{n} email(s)"), WAIT, || {
+            let mailbox = mailbox.clone();
+            async move {
+                let messages = mailbox.messages();
+                (messages.len() >= n).then_some(messages)
+            }
+        })
+        .await
+    }
+
+    /// Waits until `sql` (a `SELECT count(*) …`) counts `expected`.
+    pub async fn wait_count(&self, sql: &'static str, expected: i64) {
+        eventually(&format!("{sql} = {expected}"), WAIT, || async move {
+            (self.count(sql).await == expected).then_some(())
+        })
+        .await
+    }
+
+    /// Waits until every filed webhook event is finished (none pending).
+    pub async fn events_settled(&self, filed: i64) {
+        self.wait_count(
+            "SELECT count(*) FROM webhook_inbox WHERE status <> 'pending'",
+            filed,
+        )
+        .await;
+        assert_eq!(
+            self.count("SELECT count(*) FROM webhook_inbox").await,
+            filed
+        );
     }
 
     /// Starts the SMTP server on the port the app was configured with.
@@ -326,6 +391,9 @@ fn flatten(value: &redis::Value, out: &mut String) {
 impl Drop for TestApp {
     fn drop(&mut self) {
         let _ = self.shutdown.send(true);
+        if let Some(worker) = self.worker_shutdown.lock().unwrap().take() {
+            let _ = worker.stop.send(true);
+        }
         // Drop the database and the Redis keys from a thread of its own: the
         // test's runtime may be shutting down.
         let database = self.database.clone();

@@ -7,6 +7,7 @@ use std::{
     time::Duration,
 };
 
+use mail_parser::MimeHeaders;
 use mailin_embedded::{Handler, Response, Server, response};
 
 /// One message as it arrived.
@@ -45,6 +46,16 @@ impl ReceivedMail {
             .body_html(0)
             .map(|t| t.into_owned())
             .unwrap_or_default()
+    }
+
+    /// The first attachment: its file name and its text.
+    pub fn attachment(&self) -> Option<(String, String)> {
+        let parsed = self.parsed();
+        let part = parsed.attachments().next()?;
+        Some((
+            part.attachment_name().unwrap_or_default().to_owned(),
+            String::from_utf8_lossy(part.contents()).into_owned(),
+        ))
     }
 
     /// Every distinct `XXXX-XXXX-XXXX-XXXX` in the text part, in order.

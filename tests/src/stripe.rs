@@ -55,6 +55,70 @@ pub fn checkout_event(
     .to_string()
 }
 
+/// A Checkout Session event as Stripe sends it, with the session's metadata
+/// (gift fields), its PaymentIntent and its total.
+pub fn session_event(
+    event_id: &str,
+    event_type: &str,
+    session_id: &str,
+    buyer_email: &str,
+    metadata: Value,
+    amount_total: i64,
+) -> String {
+    let mut event: Value = serde_json::from_str(&checkout_event(
+        event_id,
+        event_type,
+        session_id,
+        buyer_email,
+        "paid",
+    ))
+    .unwrap();
+    let session = &mut event["data"]["object"];
+    session["metadata"] = metadata;
+    session["payment_intent"] = json!(payment_intent(session_id));
+    session["amount_total"] = json!(amount_total);
+    session["amount_subtotal"] = json!(amount_total);
+    event.to_string()
+}
+
+/// The PaymentIntent the fixtures give a session.
+pub fn payment_intent(session_id: &str) -> String {
+    format!("pi_{session_id}")
+}
+
+/// A `charge.refunded` event for a session's charge: `amount_refunded` is
+/// cumulative, `refunded` tells whether the whole charge is refunded.
+pub fn charge_refunded(
+    event_id: &str,
+    session_id: &str,
+    amount: i64,
+    amount_refunded: i64,
+) -> String {
+    json!({
+        "id": event_id,
+        "object": "event",
+        "api_version": "2024-06-20",
+        "created": chrono::Utc::now().timestamp(),
+        "livemode": false,
+        "type": "charge.refunded",
+        "data": {
+            "object": {
+                "id": format!("ch_{session_id}"),
+                "object": "charge",
+                "amount": amount,
+                "amount_captured": amount,
+                "amount_refunded": amount_refunded,
+                "currency": "eur",
+                "paid": true,
+                "payment_intent": payment_intent(session_id),
+                "refunded": amount_refunded >= amount,
+                "status": "succeeded"
+            }
+        }
+    })
+    .to_string()
+}
+
 /// A paid `checkout.session.completed`.
 pub fn paid_session(event_id: &str, session_id: &str, buyer_email: &str) -> String {
     checkout_event(

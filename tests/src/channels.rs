@@ -1,0 +1,567 @@
+//! One driver per sales channel, so the same scenario runs against Stripe,
+//! Shopify and the native checkout: each builds that channel's documented
+//! payloads, signs them as the channel does and posts them to the gateway.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+
+use crate::{
+    NATIVE_SECRET, SHOPIFY_PREVIOUS_SECRET, SHOPIFY_SECRET, STRIPE_WEBHOOK_SECRET, TestApp,
+    stripe::{charge_refunded, mount_line_items, session_event},
+};
+use entitle_jobs::channel::{native, shopify, stripe as stripe_channel};
+
+/// A sales channel under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    Stripe,
+    Shopify,
+    Native,
+}
+
+/// What the catalogue sells in tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Product {
+    Kit,
+    Licence,
+    /// Sold by the channel, but in no catalogue until a test adds it.
+    Unmapped,
+}
+
+/// Unit price of everything in the fixtures, in cents.
+pub const UNIT_PRICE: i64 = 2000;
+
+/// A gift as the buyer enters it.
+#[derive(Debug, Clone)]
+pub struct GiftSpec {
+    pub recipient_email: String,
+    pub recipient_name: String,
+    pub message: String,
+    pub send_at: Option<DateTime<Utc>>,
+}
+
+/// An order a test places.
+#[derive(Debug, Clone)]
+pub struct Sale {
+    /// Unique per test; the channel's order id derives from it.
+    pub order: String,
+    pub buyer: String,
+    pub account_id: Option<String>,
+    pub gift: Option<GiftSpec>,
+    pub lines: Vec<(Product, u32)>,
+}
+
+impl Sale {
+    pub fn new(order: &str, buyer: &str, lines: &[(Product, u32)]) -> Self {
+        Self {
+            order: order.to_owned(),
+            buyer: buyer.to_owned(),
+            account_id: None,
+            gift: None,
+            lines: lines.to_vec(),
+        }
+    }
+
+    fn total(&self) -> i64 {
+        self.lines
+            .iter()
+            .map(|(_, q)| i64::from(*q) * UNIT_PRICE)
+            .sum()
+    }
+
+    /// Shopify's numeric order id for this sale.
+    fn shopify_id(&self) -> u64 {
+        // FNV-1a: a stable number per order name.
+        self.order.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+        }) % 10_000_000_000
+    }
+}
+
+/// How a request is signed, to test each channel's check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signing {
+    /// With the current secret, now.
+    Good,
+    /// With a secret the channel was never given.
+    WrongSecret,
+    /// During rotation: with the secret being retired (or several signatures,
+    /// one of them valid).
+    Rotated,
+    /// With the current secret, but too long ago.
+    Stale,
+}
+
+fn stripe_price(product: Product) -> &'static str {
+    match product {
+        Product::Kit => "price_basic_kit",
+        Product::Licence => "price_pro_licence",
+        Product::Unmapped => "price_new_bundle",
+    }
+}
+
+fn shopify_variant(product: Product) -> u64 {
+    match product {
+        Product::Kit => 44610000001,
+        Product::Licence => 44610000002,
+        Product::Unmapped => 44610000099,
+    }
+}
+
+/// The SKU shared by Shopify and the native checkout.
+pub fn sku(product: Product) -> &'static str {
+    match product {
+        Product::Kit => "KIT-BASIC",
+        Product::Licence => "LIC-PRO-1Y",
+        Product::Unmapped => "BUNDLE-NEW",
+    }
+}
+
+impl Channel {
+    pub const ALL: [Channel; 3] = [Channel::Stripe, Channel::Shopify, Channel::Native];
+
+    /// Entitle's name of the channel.
+    pub fn name(self) -> &'static str {
+        match self {
+            Channel::Stripe => stripe_channel::CHANNEL,
+            Channel::Shopify => shopify::CHANNEL,
+            Channel::Native => native::CHANNEL,
+        }
+    }
+
+    /// The catalogue entry that maps `product` for this channel.
+    pub fn catalogue_line(self, product: Product) -> String {
+        match self {
+            Channel::Stripe => format!("stripe_prices = [\"{}\"]", stripe_price(product)),
+            Channel::Shopify => format!("shopify_variants = [\"{}\"]", shopify_variant(product)),
+            Channel::Native => format!("native_skus = [\"{}\"]", sku(product)),
+        }
+    }
+
+    /// The order id Entitle records for the sale.
+    pub fn channel_order_id(self, sale: &Sale) -> String {
+        match self {
+            Channel::Shopify => sale.shopify_id().to_string(),
+            _ => sale.order.clone(),
+        }
+    }
+
+    /// The sale is paid: the channel's purchase webhook.
+    pub async fn purchase(self, app: &TestApp, sale: &Sale) -> reqwest::Response {
+        self.purchase_signed(app, sale, Signing::Good).await
+    }
+
+    pub async fn purchase_signed(
+        self,
+        app: &TestApp,
+        sale: &Sale,
+        signing: Signing,
+    ) -> reqwest::Response {
+        match self {
+            Channel::Stripe => {
+                let items: Vec<(&str, u32)> = sale
+                    .lines
+                    .iter()
+                    .map(|(p, q)| (stripe_price(*p), *q))
+                    .collect();
+                mount_line_items(&app.stripe, &sale.order, &items).await;
+                let mut metadata = json!({});
+                if let Some(account) = &sale.account_id {
+                    metadata["account_id"] = json!(account);
+                }
+                if let Some(g) = &sale.gift {
+                    metadata["gift_recipient_email"] = json!(g.recipient_email);
+                    metadata["gift_recipient_name"] = json!(g.recipient_name);
+                    metadata["gift_message"] = json!(g.message);
+                    if let Some(t) = g.send_at {
+                        metadata["gift_send_at"] = json!(t.to_rfc3339());
+                    }
+                }
+                let body = session_event(
+                    &format!("evt_paid_{}", sale.order),
+                    "checkout.session.completed",
+                    &sale.order,
+                    &sale.buyer,
+                    metadata,
+                    sale.total(),
+                );
+                self.post(
+                    app,
+                    &format!("evt_paid_{}", sale.order),
+                    "checkout.session.completed",
+                    &body,
+                    signing,
+                )
+                .await
+            }
+            Channel::Shopify => {
+                let mut attributes = Vec::new();
+                if let Some(account) = &sale.account_id {
+                    attributes.push(json!({ "name": "account_id", "value": account }));
+                }
+                if let Some(g) = &sale.gift {
+                    attributes.push(
+                        json!({ "name": "gift_recipient_email", "value": g.recipient_email }),
+                    );
+                    attributes
+                        .push(json!({ "name": "gift_recipient_name", "value": g.recipient_name }));
+                    attributes.push(json!({ "name": "gift_message", "value": g.message }));
+                    if let Some(t) = g.send_at {
+                        attributes.push(json!({ "name": "gift_send_at", "value": t.to_rfc3339() }));
+                    }
+                }
+                let body = json!({
+                    "id": sale.shopify_id(),
+                    "admin_graphql_api_id": format!("gid://shopify/Order/{}", sale.shopify_id()),
+                    "name": format!("#{}", sale.shopify_id() % 10000),
+                    "email": sale.buyer,
+                    "contact_email": sale.buyer,
+                    "created_at": Utc::now().to_rfc3339(),
+                    "processed_at": Utc::now().to_rfc3339(),
+                    "currency": "EUR",
+                    "financial_status": "paid",
+                    "total_price": format!("{}.00", sale.total() / 100),
+                    "customer": { "id": 115310627314723954u64, "email": sale.buyer, "first_name": "Ada", "last_name": "Buyer" },
+                    "note_attributes": attributes,
+                    "line_items": shopify_lines(sale),
+                })
+                .to_string();
+                self.post(
+                    app,
+                    &format!("wh_paid_{}", sale.order),
+                    "orders/paid",
+                    &body,
+                    signing,
+                )
+                .await
+            }
+            Channel::Native => {
+                let mut body = json!({
+                    "type": "purchase.paid",
+                    "order_id": sale.order,
+                    "buyer": { "email": sale.buyer, "name": "Ada Buyer" },
+                    "currency": "EUR",
+                    "amount_total": sale.total(),
+                    "lines": sale.lines.iter().map(|(p, q)| json!({ "sku": sku(*p), "quantity": q, "unit_amount": UNIT_PRICE })).collect::<Vec<_>>(),
+                });
+                if let Some(account) = &sale.account_id {
+                    body["account_id"] = json!(account);
+                }
+                if let Some(g) = &sale.gift {
+                    body["gift"] = json!({
+                        "recipient_email": g.recipient_email,
+                        "recipient_name": g.recipient_name,
+                        "message": g.message,
+                    });
+                    if let Some(t) = g.send_at {
+                        body["gift"]["send_at"] = json!(t.to_rfc3339());
+                    }
+                }
+                self.post(
+                    app,
+                    &format!("msg_paid_{}", sale.order),
+                    "purchase.paid",
+                    &body.to_string(),
+                    signing,
+                )
+                .await
+            }
+        }
+    }
+
+    /// The whole order is refunded.
+    pub async fn refund_all(
+        self,
+        app: &TestApp,
+        sale: &Sale,
+        refund_id: &str,
+    ) -> reqwest::Response {
+        match self {
+            Channel::Stripe => {
+                let body = charge_refunded(
+                    &format!("evt_{refund_id}"),
+                    &sale.order,
+                    sale.total(),
+                    sale.total(),
+                );
+                self.post(
+                    app,
+                    &format!("evt_{refund_id}"),
+                    "charge.refunded",
+                    &body,
+                    Signing::Good,
+                )
+                .await
+            }
+            Channel::Shopify => {
+                let all: Vec<(Product, u32)> = sale.lines.clone();
+                self.shopify_refund(app, sale, refund_id, &all).await
+            }
+            Channel::Native => {
+                let body = json!({ "type": "purchase.refunded", "order_id": sale.order, "refund_id": refund_id });
+                self.post(
+                    app,
+                    &format!("msg_{refund_id}"),
+                    "purchase.refunded",
+                    &body.to_string(),
+                    Signing::Good,
+                )
+                .await
+            }
+        }
+    }
+
+    /// `units` of `product` are refunded; `refunded_before` units of the
+    /// order were refunded earlier (Stripe reports cumulative amounts).
+    pub async fn refund_units(
+        self,
+        app: &TestApp,
+        sale: &Sale,
+        refund_id: &str,
+        product: Product,
+        units: u32,
+        refunded_before: u32,
+    ) -> reqwest::Response {
+        match self {
+            Channel::Stripe => {
+                let cumulative = i64::from(units + refunded_before) * UNIT_PRICE;
+                let body = charge_refunded(
+                    &format!("evt_{refund_id}"),
+                    &sale.order,
+                    sale.total(),
+                    cumulative,
+                );
+                self.post(
+                    app,
+                    &format!("evt_{refund_id}"),
+                    "charge.refunded",
+                    &body,
+                    Signing::Good,
+                )
+                .await
+            }
+            Channel::Shopify => {
+                self.shopify_refund(app, sale, refund_id, &[(product, units)])
+                    .await
+            }
+            Channel::Native => {
+                let body = json!({
+                    "type": "purchase.refunded",
+                    "order_id": sale.order,
+                    "refund_id": refund_id,
+                    "lines": [{ "sku": sku(product), "quantity": units }],
+                });
+                self.post(
+                    app,
+                    &format!("msg_{refund_id}"),
+                    "purchase.refunded",
+                    &body.to_string(),
+                    Signing::Good,
+                )
+                .await
+            }
+        }
+    }
+
+    /// The order is cancelled (Stripe: its delayed payment failed).
+    pub async fn cancel(self, app: &TestApp, sale: &Sale) -> reqwest::Response {
+        match self {
+            Channel::Stripe => {
+                let body = session_event(
+                    &format!("evt_failed_{}", sale.order),
+                    "checkout.session.async_payment_failed",
+                    &sale.order,
+                    &sale.buyer,
+                    json!({}),
+                    sale.total(),
+                );
+                self.post(
+                    app,
+                    &format!("evt_failed_{}", sale.order),
+                    "checkout.session.async_payment_failed",
+                    &body,
+                    Signing::Good,
+                )
+                .await
+            }
+            Channel::Shopify => {
+                let body = json!({
+                    "id": sale.shopify_id(),
+                    "email": sale.buyer,
+                    "cancelled_at": Utc::now().to_rfc3339(),
+                    "cancel_reason": "customer",
+                    "financial_status": "voided",
+                    "line_items": shopify_lines(sale),
+                })
+                .to_string();
+                self.post(
+                    app,
+                    &format!("wh_cancel_{}", sale.order),
+                    "orders/cancelled",
+                    &body,
+                    Signing::Good,
+                )
+                .await
+            }
+            Channel::Native => {
+                let body = json!({ "type": "purchase.cancelled", "order_id": sale.order, "reason": "customer" });
+                self.post(
+                    app,
+                    &format!("msg_cancel_{}", sale.order),
+                    "purchase.cancelled",
+                    &body.to_string(),
+                    Signing::Good,
+                )
+                .await
+            }
+        }
+    }
+
+    async fn shopify_refund(
+        self,
+        app: &TestApp,
+        sale: &Sale,
+        refund_id: &str,
+        lines: &[(Product, u32)],
+    ) -> reqwest::Response {
+        let refund_lines: Vec<Value> = lines
+            .iter()
+            .enumerate()
+            .map(|(i, (product, quantity))| {
+                json!({
+                    "id": 100 + i,
+                    "quantity": quantity,
+                    "line_item_id": 5000 + shopify_variant(*product) % 1000,
+                    "restock_type": "no_restock",
+                    "subtotal": (i64::from(*quantity) * UNIT_PRICE) as f64 / 100.0,
+                    "line_item": shopify_line(*product, *quantity),
+                })
+            })
+            .collect();
+        let body = json!({
+            "id": format!("{}", 90000 + refund_id.len()),
+            "order_id": sale.shopify_id(),
+            "created_at": Utc::now().to_rfc3339(),
+            "note": "test refund",
+            "restock": false,
+            "refund_line_items": refund_lines,
+            "transactions": [{ "kind": "refund", "status": "success", "gateway": "bogus" }],
+        });
+        // Shopify's refund id is numeric; derive one per test refund id.
+        let mut body = body;
+        body["id"] = json!(Sale::new(refund_id, "", &[]).shopify_id());
+        self.post(
+            app,
+            &format!("wh_{refund_id}"),
+            "refunds/create",
+            &body.to_string(),
+            Signing::Good,
+        )
+        .await
+    }
+
+    /// Posts a body to this channel's webhook, signed as asked. `event_id`
+    /// is the channel's delivery id (what its retries share).
+    pub async fn post(
+        self,
+        app: &TestApp,
+        event_id: &str,
+        topic: &str,
+        body: &str,
+        signing: Signing,
+    ) -> reqwest::Response {
+        let now = Utc::now();
+        let url = format!("{}/webhooks/{}", app.address, self.name());
+        let request = app
+            .http
+            .post(url)
+            .header("content-type", "application/json");
+        let request = match self {
+            Channel::Stripe => {
+                let (secret, t) = match signing {
+                    Signing::Good | Signing::Rotated => (STRIPE_WEBHOOK_SECRET, now.timestamp()),
+                    Signing::WrongSecret => ("whsec_not_ours", now.timestamp()),
+                    Signing::Stale => (STRIPE_WEBHOOK_SECRET, now.timestamp() - 600),
+                };
+                let mut header = stripe_channel::sign(body.as_bytes(), secret, t);
+                if signing == Signing::Rotated {
+                    // Stripe sends one v1 per active secret while rolling.
+                    let other = stripe_channel::sign(body.as_bytes(), "whsec_new_unknown", t);
+                    header = format!("{other},{}", header.split(',').nth(1).unwrap());
+                }
+                request.header("stripe-signature", header)
+            }
+            Channel::Shopify => {
+                let (secret, triggered) = match signing {
+                    Signing::Good => (SHOPIFY_SECRET, now),
+                    Signing::Rotated => (SHOPIFY_PREVIOUS_SECRET, now),
+                    Signing::WrongSecret => ("shpss_not_ours", now),
+                    Signing::Stale => (SHOPIFY_SECRET, now - chrono::Duration::days(3)),
+                };
+                request
+                    .header(
+                        "x-shopify-hmac-sha256",
+                        shopify::sign(body.as_bytes(), secret),
+                    )
+                    .header("x-shopify-topic", topic)
+                    .header("x-shopify-webhook-id", event_id)
+                    .header("x-shopify-shop-domain", "entitle-test.myshopify.com")
+                    .header("x-shopify-api-version", "2025-01")
+                    .header("x-shopify-triggered-at", triggered.to_rfc3339())
+            }
+            Channel::Native => {
+                let t = match signing {
+                    Signing::Stale => now.timestamp() - 600,
+                    _ => now.timestamp(),
+                };
+                let signature = match signing {
+                    Signing::WrongSecret => {
+                        native::sign(event_id, t, body.as_bytes(), "whsec_bm90LW91cnMtYXQtYWxs")
+                    }
+                    Signing::Rotated => format!(
+                        "{} {}",
+                        native::sign(
+                            event_id,
+                            t,
+                            body.as_bytes(),
+                            "whsec_bmV4dC1zZWNyZXQtbm90LXlldA=="
+                        ),
+                        native::sign(event_id, t, body.as_bytes(), NATIVE_SECRET)
+                    ),
+                    _ => native::sign(event_id, t, body.as_bytes(), NATIVE_SECRET),
+                };
+                request
+                    .header("webhook-id", event_id)
+                    .header("webhook-timestamp", t.to_string())
+                    .header("webhook-signature", signature)
+            }
+        };
+        request
+            .body(body.to_owned())
+            .send()
+            .await
+            .expect("the gateway answers")
+    }
+}
+
+fn shopify_line(product: Product, quantity: u32) -> Value {
+    json!({
+        "id": 5000 + shopify_variant(product) % 1000,
+        "variant_id": shopify_variant(product),
+        "product_id": 8800000000u64 + shopify_variant(product) % 1000,
+        "sku": sku(product),
+        "title": sku(product),
+        "quantity": quantity,
+        "price": format!("{}.00", UNIT_PRICE / 100),
+        "properties": [],
+        "requires_shipping": false,
+        "gift_card": false,
+    })
+}
+
+fn shopify_lines(sale: &Sale) -> Vec<Value> {
+    sale.lines
+        .iter()
+        .map(|(p, q)| shopify_line(*p, *q))
+        .collect()
+}
