@@ -29,6 +29,12 @@ seal_key = "$(key)"
 [stripe]
 webhook_secrets = ["whsec_local_$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"]
 api_key = "sk_test_local"
+
+[shopify]
+webhook_secrets = ["shpss_local_$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"]
+
+[native]
+webhook_secrets = ["whsec_$(key)"]
 TOML
 fi
 export ENTITLE_CONFIG="$PWD/$config"

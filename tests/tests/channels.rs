@@ -488,3 +488,42 @@ async fn an_unknown_product_is_parked_then_fulfilled_after_the_catalogue_is_fixe
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn holders_are_told_of_revoked_codes_when_configured() {
+    let app = TestApp::spawn_configured(
+        entitle_tests::Options::default(),
+        serde_json::json!({ "email": { "notify_revocations": true } }),
+    )
+    .await;
+    let channel = Channel::Native;
+    let mut sale = Sale::new("notify", "buyer@example.com", &[(Product::Kit, 2)]);
+    sale.gift = Some(gift(None));
+    ok(&channel.purchase(&app, &sale).await);
+    let codes = mail_to(&app.mails(2).await, "rae@example.com").codes();
+    ok(&channel
+        .refund_units(&app, &sale, "rf_notify", Product::Kit, 1, 0)
+        .await);
+
+    let mails = app.mails(3).await;
+    let notice = mails
+        .iter()
+        .find(|m| m.subject().contains("cancelled"))
+        .expect("a revocation notice");
+    assert_eq!(
+        notice.to,
+        vec!["rae@example.com".to_owned()],
+        "the holder is the recipient"
+    );
+    let revoked: String =
+        sqlx::query_scalar("SELECT last4 FROM activation_code WHERE state = 'revoked'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert!(notice.text().contains(&revoked), "{}", notice.text());
+    assert!(
+        notice.codes().is_empty(),
+        "the notice names codes by their last four symbols only"
+    );
+    assert!(codes.iter().any(|c| c.ends_with(&revoked)));
+}
