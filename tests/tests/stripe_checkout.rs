@@ -1,30 +1,12 @@
 //! A paid Stripe Checkout order, end to end: webhook → codes → one email →
 //! redemption, with duplicates, bad signatures and flaky dependencies.
 
-use std::time::Duration;
-
 use entitle_tests::{
-    STRIPE_WEBHOOK_SECRET, TestApp, eventually,
-    smtp::ReceivedMail,
+    STRIPE_WEBHOOK_SECRET, TestApp, WAIT, eventually,
     stripe::{line_items_page, line_items_path, mount_line_items, paid_session},
 };
 use serde_json::Value;
 use wiremock::{Mock, ResponseTemplate, matchers::method, matchers::path};
-
-const WAIT: Duration = Duration::from_secs(20);
-
-/// Waits until the mailbox holds `n` messages and returns them.
-async fn mails(app: &TestApp, n: usize) -> Vec<ReceivedMail> {
-    let mailbox = app.mailbox();
-    eventually(&format!("{n} email(s)"), WAIT, || {
-        let mailbox = mailbox.clone();
-        async move {
-            let messages = mailbox.messages();
-            (messages.len() >= n).then_some(messages)
-        }
-    })
-    .await
-}
 
 /// A paid checkout of `items` by `buyer` through the whole path; returns the
 /// codes from the email that arrives.
@@ -34,7 +16,7 @@ async fn buy(app: &TestApp, session: &str, items: &[(&str, u32)], buyer: &str) -
         .post_stripe(&paid_session(&format!("evt_{session}"), session, buyer))
         .await;
     assert_eq!(response.status(), 200);
-    mails(app, 1).await[0].codes()
+    app.mails(1).await[0].codes()
 }
 
 /// Waits until every delivery row is sent.
@@ -63,7 +45,7 @@ async fn a_paid_checkout_for_three_units_emails_three_distinct_codes_in_one_mess
         .await;
     assert_eq!(response.status(), 200);
 
-    let messages = mails(&app, 1).await;
+    let messages = app.mails(1).await;
     all_deliveries_sent(&app).await;
     let mail = &messages[0];
     assert_eq!(mail.to, vec!["ada@example.com".to_owned()]);
@@ -263,7 +245,7 @@ async fn the_same_event_delivered_five_times_at_once_yields_one_order_three_code
     for response in futures_join_all(posts).await {
         assert_eq!(response.status(), 200);
     }
-    mails(&app, 1).await;
+    app.mails(1).await;
     all_deliveries_sent(&app).await;
     eventually("the event processed", WAIT, || async {
         (app.count("SELECT count(*) FROM webhook_inbox WHERE status = 'processed'")
@@ -398,7 +380,7 @@ async fn line_items_failing_twice_then_succeeding_still_end_in_one_correct_order
         "gus@example.com",
     ))
     .await;
-    let messages = mails(&app, 1).await;
+    let messages = app.mails(1).await;
     assert_eq!(messages[0].codes().len(), 3);
 
     let requests = app.stripe.received_requests().await.unwrap();
@@ -454,7 +436,7 @@ async fn line_items_spread_over_pages_are_all_issued() {
         .await;
     app.post_stripe(&paid_session("evt_pages", session, "hal@example.com"))
         .await;
-    assert_eq!(mails(&app, 1).await[0].codes().len(), 3);
+    assert_eq!(app.mails(1).await[0].codes().len(), 3);
     assert_eq!(app.count("SELECT count(*) FROM order_line").await, 2);
 }
 
@@ -598,7 +580,7 @@ async fn unpaid_sessions_and_other_event_types_are_recorded_and_acknowledged() {
         "paid",
     );
     assert_eq!(app.post_stripe(&succeeded).await.status(), 200);
-    assert_eq!(mails(&app, 1).await[0].codes().len(), 1);
+    assert_eq!(app.mails(1).await[0].codes().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -746,7 +728,7 @@ async fn the_database_refuses_to_update_or_delete_audit_events() {
         "ned@example.com",
     ))
     .await;
-    mails(&app, 1).await;
+    app.mails(1).await;
     let before = app.count("SELECT count(*) FROM audit_event").await;
     assert!(before > 0);
 
@@ -778,7 +760,7 @@ async fn a_repeated_event_after_fulfilment_is_acknowledged_and_changes_nothing()
     mount_line_items(&app.stripe, "cs_test_again", &[("price_basic_kit", 2)]).await;
     let body = paid_session("evt_again", "cs_test_again", "ola@example.com");
     app.post_stripe(&body).await;
-    mails(&app, 1).await;
+    app.mails(1).await;
     all_deliveries_sent(&app).await;
 
     let response = app.post_stripe(&body).await;
