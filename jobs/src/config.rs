@@ -29,6 +29,18 @@ pub struct Config {
     pub shopify: ShopifyConfig,
     pub native: NativeConfig,
     pub email: EmailConfig,
+    pub schedule: ScheduleConfig,
+}
+
+/// `[schedule]`
+#[derive(Debug, Clone, Deserialize)]
+pub struct ScheduleConfig {
+    pub requeue: String,
+    pub expire: String,
+    pub prune: String,
+    pub requeue_after_secs: u64,
+    pub batch_size: u32,
+    pub retention_days: u32,
 }
 
 /// `[database]`
@@ -209,6 +221,24 @@ impl Config {
             return Err(invalid(
                 "native.webhook_secrets",
                 "each secret must be whsec_ followed by base64",
+            ));
+        }
+        for (key, cron) in [
+            ("schedule.requeue", &self.schedule.requeue),
+            ("schedule.expire", &self.schedule.expire),
+            ("schedule.prune", &self.schedule.prune),
+        ] {
+            cron.parse::<cron::Schedule>().map_err(|e| {
+                invalid(
+                    key,
+                    format!("is not a cron expression (sec min hour day month weekday): {e}"),
+                )
+            })?;
+        }
+        if self.schedule.batch_size == 0 || self.schedule.retention_days == 0 {
+            return Err(invalid(
+                "schedule.batch_size",
+                "schedule.batch_size and schedule.retention_days must be at least 1",
             ));
         }
         if self.worker.issue_batch_size == 0 {

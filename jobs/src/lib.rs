@@ -21,6 +21,7 @@ pub mod issuance;
 pub mod queue;
 pub mod redemption;
 pub mod shutdown;
+pub mod sweep;
 pub mod telemetry;
 
 pub use config::Config;

@@ -77,6 +77,7 @@ pub struct TestApp {
     namespace: String,
     shutdown: tokio::sync::watch::Sender<bool>,
     worker_shutdown: Mutex<Option<RunningWorker>>,
+    extra_workers: Mutex<Vec<RunningWorker>>,
 }
 
 /// The in-process worker: how to stop it, and its task.
@@ -166,6 +167,12 @@ impl TestApp {
                         "api_base": stripe.uri(),
                         "api_timeout_secs": 5
                     },
+                    // Sweeps stay out of the way unless a test asks for them.
+                    "schedule": {
+                        "requeue": "0 0 0 1 1 *",
+                        "expire": "0 0 0 1 1 *",
+                        "prune": "0 0 0 1 1 *"
+                    },
                     "shopify": {
                         "webhook_secrets": [SHOPIFY_SECRET, SHOPIFY_PREVIOUS_SECRET],
                         "max_event_age_secs": 172800
@@ -213,6 +220,7 @@ impl TestApp {
             namespace,
             shutdown,
             worker_shutdown: Mutex::new(worker_shutdown),
+            extra_workers: Mutex::new(Vec::new()),
         }
     }
 
@@ -228,6 +236,36 @@ impl TestApp {
         }
         let new = start_worker(&self.ctx);
         *self.worker_shutdown.lock().unwrap() = Some(new);
+    }
+
+    /// Starts one more worker process's worth of workers (as another
+    /// process on another machine would), stopped with the app.
+    pub fn start_another_worker(&self) {
+        let extra = start_worker(&self.ctx);
+        self.extra_workers.lock().unwrap().push(extra);
+    }
+
+    /// Deletes every Redis key of this app: its queues, schedules and
+    /// worker registrations, as a flush or a Redis restart without
+    /// persistence would.
+    pub async fn flush_redis(&self) {
+        let client = redis::Client::open(redis_url()).expect("REDIS_URL is a URL");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("Redis is reachable");
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("*{}*", self.namespace))
+            .query_async(&mut conn)
+            .await
+            .expect("KEYS answers");
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL")
+                .arg(keys)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
     }
 
     /// Waits until the mailbox holds at least `n` messages; returns them all.
@@ -392,6 +430,9 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         let _ = self.shutdown.send(true);
         if let Some(worker) = self.worker_shutdown.lock().unwrap().take() {
+            let _ = worker.stop.send(true);
+        }
+        for worker in self.extra_workers.lock().unwrap().drain(..) {
             let _ = worker.stop.send(true);
         }
         // Drop the database and the Redis keys from a thread of its own: the

@@ -11,12 +11,15 @@ use apalis::{
     },
     prelude::*,
 };
+use apalis_cron::{CronScheduler, Tick};
 use entitle_jobs::{
     Context,
     delivery::Attempt,
     handlers,
     queue::{ProcessEvent, SendDelivery},
+    sweep,
 };
+use futures::{FutureExt, future::BoxFuture};
 
 /// A worker name unique to this process, as apalis requires when several
 /// processes serve one queue.
@@ -35,6 +38,62 @@ async fn send_delivery(job: SendDelivery, ctx: Data<Context>) -> Result<(), BoxD
         // A delivery not yet due was scheduled again for its time.
         Attempt::Sent | Attempt::NothingToDo | Attempt::Failed | Attempt::NotDue(_) => Ok(()),
     }
+}
+
+/// What a restarted queue worker waits before it asks Redis again: nothing
+/// the first time, then half a second more per restart, at most five.
+fn pause_before<B>(
+    restarts: usize,
+) -> impl Fn(&mut B) -> BoxFuture<'static, Result<(), apalis_redis::Error>> + Send + Sync + 'static
+{
+    let pause = Duration::from_millis(500 * restarts.min(10) as u64);
+    move |_| {
+        async move {
+            tokio::time::sleep(pause).await;
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+/// Which sweep a cron worker runs.
+#[derive(Debug, Clone, Copy)]
+struct Sweep(&'static str);
+
+async fn sweep_tick(
+    tick: Tick,
+    which: Data<Sweep>,
+    ctx: Data<Context>,
+    worker: WorkerContext,
+) -> Result<(), BoxDynError> {
+    let Sweep(job) = *which;
+    let at = chrono::DateTime::<chrono::Utc>::from_timestamp(tick.get_timestamp() as i64, 0)
+        .ok_or("tick out of range")?;
+    if !sweep::claim_tick(&ctx.pool, job, at, worker.name()).await? {
+        // Another worker process runs this tick.
+        return Ok(());
+    }
+    let schedule = &ctx.config.schedule;
+    let batch = i64::from(schedule.batch_size);
+    let outcome = match job {
+        "requeue" => {
+            sweep::requeue(
+                &ctx,
+                Duration::from_secs(schedule.requeue_after_secs),
+                batch,
+            )
+            .await
+        }
+        "expire" => sweep::expire(&ctx.pool, batch).await,
+        _ => sweep::prune(&ctx.pool, schedule.retention_days, batch).await,
+    };
+    let summary = match &outcome {
+        Ok(summary) => summary.clone(),
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
+    };
+    sweep::finish_tick(&ctx.pool, job, at, summary).await?;
+    outcome?;
+    Ok(())
 }
 
 /// Runs every worker until `shutdown` resolves, then lets running jobs finish
@@ -60,25 +119,58 @@ pub async fn run(
     let delivery_ctx = ctx.clone();
     let event_backoff = backoff;
     let monitor = Monitor::new()
-        .register(move |_| {
+        .register(move |restarts| {
             WorkerBuilder::new(worker_name("events"))
-                .backend(events.clone().poll_with_interval(poll))
+                .backend(
+                    events
+                        .clone()
+                        .poll_with_interval(poll)
+                        .before_start(pause_before(restarts)),
+                )
                 .concurrency(concurrency)
                 .retry(RetryPolicy::retries(retries).with_backoff(event_backoff()))
                 .parallelize(tokio::spawn)
                 .data(event_ctx.clone())
                 .build(process_event)
         })
-        .register(move |_| {
+        .register(move |restarts| {
             WorkerBuilder::new(worker_name("deliveries"))
-                .backend(deliveries.clone().poll_with_interval(poll))
+                .backend(
+                    deliveries
+                        .clone()
+                        .poll_with_interval(poll)
+                        .before_start(pause_before(restarts)),
+                )
                 .concurrency(concurrency)
                 .retry(RetryPolicy::retries(retries).with_backoff(backoff()))
                 .parallelize(tokio::spawn)
                 .data(delivery_ctx.clone())
                 .build(send_delivery)
         })
+        // A queue worker stops when Redis fails it (down, or flushed and so
+        // forgetting the worker's registration); start it again, after a
+        // pause that grows with each restart.
+        .should_restart(|worker, error| {
+            tracing::warn!(worker = worker.name(), %error, "worker failed; restarting it");
+            true
+        })
         .shutdown_timeout(Duration::from_secs(30));
+    let mut monitor = monitor;
+    for (job, cron) in [
+        ("requeue", &ctx.config.schedule.requeue),
+        ("expire", &ctx.config.schedule.expire),
+        ("prune", &ctx.config.schedule.prune),
+    ] {
+        let schedule: cron::Schedule = cron.parse()?;
+        let sweep_ctx = ctx.clone();
+        monitor = monitor.register(move |_| {
+            WorkerBuilder::new(worker_name(&format!("sweep-{job}")))
+                .backend(CronScheduler::new(schedule.clone()))
+                .data(Sweep(job))
+                .data(sweep_ctx.clone())
+                .build(sweep_tick)
+        });
+    }
     tracing::info!(concurrency, retries, "worker running");
     monitor
         .run_with_signal(async move {

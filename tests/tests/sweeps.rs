@@ -1,0 +1,241 @@
+//! The scheduled sweeps: each tick runs once across worker processes; work
+//! Redis lost is finished from Postgres, exactly once; codes expire in
+//! batches that never wait on a redemption; raw bodies are pruned.
+
+use std::time::Duration;
+
+use entitle_tests::{
+    Options, TestApp,
+    channels::{Channel, Product, Sale},
+    eventually,
+};
+use serde_json::json;
+
+const EVERY_SECOND: &str = "* * * * * *";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_worker_processes_run_each_sweep_tick_once() {
+    let app = TestApp::spawn_configured(
+        Options::default(),
+        json!({ "schedule": { "requeue": EVERY_SECOND, "expire": EVERY_SECOND } }),
+    )
+    .await;
+    app.start_another_worker();
+    app.start_another_worker();
+
+    eventually("five requeue ticks", Duration::from_secs(20), || async {
+        (app.count(
+            "SELECT count(*) FROM sweep_run WHERE job = 'requeue' AND finished_at IS NOT NULL",
+        )
+        .await
+            >= 5)
+            .then_some(())
+    })
+    .await;
+    let ticks: Vec<(String, chrono::DateTime<chrono::Utc>, String)> =
+        sqlx::query_as("SELECT job, tick_at, worker FROM sweep_run ORDER BY job, tick_at")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    // One row per job and tick (the key), and no tick of the covered span
+    // was skipped: every second between the first and last has its run.
+    for job in ["requeue", "expire"] {
+        let times: Vec<i64> = ticks
+            .iter()
+            .filter(|(j, _, _)| j == job)
+            .map(|(_, t, _)| t.timestamp())
+            .collect();
+        assert!(times.len() >= 4, "{job}: {times:?}");
+        let span = times.last().unwrap() - times.first().unwrap() + 1;
+        assert!(span as usize >= times.len(), "{job}: {times:?}");
+        assert!(
+            times.windows(2).all(|w| w[1] > w[0]),
+            "{job}: no tick twice"
+        );
+    }
+    let winners: std::collections::HashSet<&str> =
+        ticks.iter().map(|(_, _, w)| w.as_str()).collect();
+    assert!(
+        winners.iter().all(|w| w.starts_with("sweep-")),
+        "{winners:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn work_lost_with_redis_is_finished_from_postgres_exactly_once() {
+    let app = TestApp::spawn_configured(
+        Options {
+            smtp: true,
+            worker: false,
+        },
+        json!({ "schedule": { "requeue": EVERY_SECOND, "requeue_after_secs": 0 } }),
+    )
+    .await;
+    let sales: Vec<Sale> = (0..3)
+        .map(|i| {
+            Sale::new(
+                &format!("lost_{i}"),
+                &format!("lost{i}@example.com"),
+                &[(Product::Kit, 2)],
+            )
+        })
+        .collect();
+    for sale in &sales {
+        assert_eq!(Channel::Native.purchase(&app, sale).await.status(), 200);
+    }
+    // Redis forgets everything before any worker ran.
+    app.flush_redis().await;
+    app.restart_worker().await;
+
+    let mails = app.mails(3).await;
+    app.wait_count(
+        "SELECT count(*) FROM email_delivery WHERE status = 'sent'",
+        3,
+    )
+    .await;
+    // Several more sweeps find nothing left to do.
+    let runs_now = app.count("SELECT count(*) FROM sweep_run").await;
+    eventually("three more sweeps", Duration::from_secs(10), || async {
+        (app.count("SELECT count(*) FROM sweep_run").await >= runs_now + 3).then_some(())
+    })
+    .await;
+    assert_eq!(app.mailbox().messages().len(), 3, "each email once");
+    assert_eq!(mails.iter().map(|m| m.codes().len()).sum::<usize>(), 6);
+    assert_eq!(app.count("SELECT count(*) FROM orders").await, 3);
+    assert_eq!(app.count("SELECT count(*) FROM activation_code").await, 6);
+    assert_eq!(
+        app.count("SELECT count(*) FROM audit_event WHERE action = 'order.created'")
+            .await,
+        3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_flush_mid_flight_still_sends_each_email_once() {
+    let app = TestApp::spawn_configured(
+        Options {
+            smtp: false,
+            worker: true,
+        },
+        json!({ "schedule": { "requeue": EVERY_SECOND, "requeue_after_secs": 1 } }),
+    )
+    .await;
+    let sale = Sale::new("midflight", "mid@example.com", &[(Product::Kit, 1)]);
+    assert_eq!(Channel::Stripe.purchase(&app, &sale).await.status(), 200);
+    // The delivery is being retried (SMTP is down) when Redis is flushed.
+    eventually(
+        "a failed sending attempt",
+        Duration::from_secs(20),
+        || async {
+            (app.count("SELECT count(*) FROM email_delivery WHERE attempts >= 1")
+                .await
+                == 1)
+                .then_some(())
+        },
+    )
+    .await;
+    app.flush_redis().await;
+    app.start_smtp();
+    // The workers keep serving new work after losing their registration.
+    let next = Sale::new("after_flush", "next@example.com", &[(Product::Kit, 1)]);
+    assert_eq!(Channel::Stripe.purchase(&app, &next).await.status(), 200);
+
+    app.wait_count(
+        "SELECT count(*) FROM email_delivery WHERE status = 'sent'",
+        2,
+    )
+    .await;
+    let runs_now = app.count("SELECT count(*) FROM sweep_run").await;
+    eventually("three more sweeps", Duration::from_secs(10), || async {
+        (app.count("SELECT count(*) FROM sweep_run").await >= runs_now + 3).then_some(())
+    })
+    .await;
+    assert_eq!(app.mailbox().messages().len(), 2, "each email once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn expired_codes_expire_in_batches_without_waiting_on_a_redemption() {
+    let app = TestApp::spawn().await;
+    let sale = Sale::new("old", "old@example.com", &[(Product::Kit, 5)]);
+    assert_eq!(Channel::Native.purchase(&app, &sale).await.status(), 200);
+    let codes = app.mails(1).await[0].codes();
+    sqlx::query(
+        "UPDATE activation_code SET expires_at = now() - interval '1 minute'
+         WHERE unit_index < 4",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+
+    // A redemption holds one of them while the sweep runs.
+    let mut held = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM activation_code WHERE unit_index = 0 FOR UPDATE")
+        .execute(&mut *held)
+        .await
+        .unwrap();
+    let summary = tokio::time::timeout(
+        Duration::from_secs(10),
+        entitle_jobs::sweep::expire(&app.pool, 2),
+    )
+    .await
+    .expect("the sweep does not wait on the held row")
+    .unwrap();
+    assert_eq!(summary["expired"], 3);
+    held.rollback().await.unwrap();
+
+    let summary = entitle_jobs::sweep::expire(&app.pool, 2).await.unwrap();
+    assert_eq!(
+        summary["expired"], 1,
+        "the held code is expired on the next run"
+    );
+    assert_eq!(
+        entitle_jobs::sweep::expire(&app.pool, 2).await.unwrap()["expired"],
+        0
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM activation_code WHERE state = 'expired'")
+            .await,
+        4
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM audit_event WHERE action = 'code.expired'")
+            .await,
+        4
+    );
+    let (status, body) = app.redeem(&codes[0], "acct", "e").await;
+    assert_eq!((status, body["code"].as_str()), (410, Some("code_expired")));
+    let (status, _) = app.redeem(&codes[4], "acct", "e").await;
+    assert_eq!(status, 201, "the unexpired code still works");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn raw_bodies_are_pruned_after_the_retention_period_and_nothing_else() {
+    let app = TestApp::spawn().await;
+    let sale = Sale::new("pruned", "pru@example.com", &[(Product::Kit, 1)]);
+    assert_eq!(Channel::Native.purchase(&app, &sale).await.status(), 200);
+    app.mails(1).await;
+    app.events_settled(1).await;
+    sqlx::query("UPDATE webhook_inbox SET received_at = now() - interval '31 days'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+
+    let summary = entitle_jobs::sweep::prune(&app.pool, 30, 100)
+        .await
+        .unwrap();
+    assert_eq!(summary["bodies_pruned"], 1);
+    assert_eq!(
+        app.count("SELECT count(*) FROM webhook_inbox WHERE body IS NULL")
+            .await,
+        1
+    );
+    assert_eq!(app.count("SELECT count(*) FROM orders").await, 1);
+    assert_eq!(app.count("SELECT count(*) FROM activation_code").await, 1);
+    assert!(app.count("SELECT count(*) FROM audit_event").await > 0);
+    assert_eq!(
+        entitle_jobs::sweep::prune(&app.pool, 30, 100)
+            .await
+            .unwrap()["bodies_pruned"],
+        0
+    );
+}
