@@ -239,3 +239,28 @@ async fn raw_bodies_are_pruned_after_the_retention_period_and_nothing_else() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_worker_picks_up_each_new_order_without_waiting_for_a_heartbeat() {
+    // The shipped polling interval; a missed wake-up would leave a job
+    // waiting for the next 30-second heartbeat.
+    let app = TestApp::spawn_configured(
+        Options::default(),
+        json!({ "worker": { "poll_interval_ms": 200 } }),
+    )
+    .await;
+    for i in 0..6 {
+        let sale = Sale::new(
+            &format!("idle_{i}"),
+            &format!("idle{i}@example.com"),
+            &[(Product::Kit, 1)],
+        );
+        assert_eq!(Channel::Native.purchase(&app, &sale).await.status(), 200);
+        eventually(
+            &format!("order {i} emailed"),
+            Duration::from_secs(10),
+            || async { (app.mailbox().messages().len() > i).then_some(()) },
+        )
+        .await;
+    }
+}

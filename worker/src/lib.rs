@@ -20,6 +20,9 @@ use entitle_jobs::{
     sweep,
 };
 use futures::{FutureExt, future::BoxFuture};
+use poll::EveryInterval;
+
+mod poll;
 
 /// A worker name unique to this process, as apalis requires when several
 /// processes serve one queue.
@@ -124,7 +127,7 @@ pub async fn run(
                 .backend(
                     events
                         .clone()
-                        .poll_with_interval(poll)
+                        .poll_with_strategy(EveryInterval::new(poll))
                         .before_start(pause_before(restarts)),
                 )
                 .concurrency(concurrency)
@@ -138,7 +141,7 @@ pub async fn run(
                 .backend(
                     deliveries
                         .clone()
-                        .poll_with_interval(poll)
+                        .poll_with_strategy(EveryInterval::new(poll))
                         .before_start(pause_before(restarts)),
                 )
                 .concurrency(concurrency)
