@@ -9,6 +9,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tower_http::trace::TraceLayer;
 
+pub mod admin;
+pub mod auth;
 pub mod error;
 pub mod routes;
 
@@ -26,6 +28,7 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::health::router())
         .merge(routes::webhooks::router())
         .merge(routes::redemptions::router())
+        .merge(admin::router())
         .layer(DefaultBodyLimit::max(max_body))
         .layer(TraceLayer::new_for_http())
         .with_state(state)

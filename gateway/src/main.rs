@@ -22,6 +22,17 @@ enum Command {
     Serve,
     /// Apply database migrations and load the catalogue, then exit.
     Migrate,
+    /// Create an API token (the first admin's, to bootstrap) and print it.
+    CreateToken {
+        /// The token's name: the actor its requests are audited as.
+        #[arg(long)]
+        name: String,
+        /// support, operator or admin.
+        #[arg(long, default_value = "admin")]
+        role: String,
+        #[arg(long, default_value = "bootstrap")]
+        reason: String,
+    },
 }
 
 #[tokio::main]
@@ -32,9 +43,21 @@ async fn main() -> anyhow::Result<()> {
     let listen = config.gateway.listen;
     let ctx = Context::connect(config).await?;
     ctx.prepare().await?;
-    if let Some(Command::Migrate) = cli.command {
-        tracing::info!("migrations applied and catalogue loaded");
-        return Ok(());
+    match cli.command {
+        Some(Command::Migrate) => {
+            tracing::info!("migrations applied and catalogue loaded");
+            return Ok(());
+        }
+        Some(Command::CreateToken { name, role, reason }) => {
+            let role = entitle_jobs::token::Role::parse(&role)
+                .ok_or_else(|| anyhow::anyhow!("--role must be support, operator or admin"))?;
+            let token =
+                entitle_jobs::token::create(&ctx.pool, &name, role, "operator:bootstrap", &reason).await?;
+            // The only time the token is shown.
+            println!("{token}");
+            return Ok(());
+        }
+        Some(Command::Serve) | None => {}
     }
     let listener = tokio::net::TcpListener::bind(listen)
         .await

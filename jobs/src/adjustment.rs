@@ -185,12 +185,13 @@ pub(crate) async fn apply_pending(
         let holder_name: Option<String> = order.get("holder_name");
         let now = Utc::now();
         let notice = NewDelivery {
-            order_id,
+            order_id: Some(order_id),
             kind: "revocation",
             recipient: &holder,
             recipient_name: holder_name.as_deref(),
             send_after: now,
             codes: CodeSelection::These(revoked),
+            requested_by: None,
         };
         if let Some(id) =
             issuance::create_delivery(conn, &notice, settings.message_id_domain).await?

@@ -133,8 +133,9 @@ pub async fn retry_failed_events(
     ctx: &Context,
     filter: &inbox::RetryFilter,
     actor: &str,
+    reason: &str,
 ) -> Result<Vec<Uuid>, JobError> {
-    let ids = inbox::reopen_failed(&ctx.pool, filter, actor).await?;
+    let ids = inbox::reopen_failed(&ctx.pool, filter, actor, reason).await?;
     for id in &ids {
         ctx.queues.process_event(*id).await?;
     }

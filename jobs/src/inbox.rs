@@ -152,15 +152,17 @@ pub struct RetryFilter {
     pub error_code: Option<String>,
 }
 
-/// Puts matching failed events back to pending, each with an audit event.
+/// Puts matching failed events back to pending, with one audit event for
+/// the whole action (naming every event it reopened).
 pub async fn reopen_failed(
     pool: &PgPool,
     filter: &RetryFilter,
     actor: &str,
+    reason: &str,
 ) -> sqlx::Result<Vec<Uuid>> {
     let mut tx = pool.begin().await?;
     let ids: Vec<Uuid> = sqlx::query_scalar(
-        "UPDATE webhook_inbox SET status = 'pending', processed_at = NULL
+        "UPDATE webhook_inbox SET status = 'pending', processed_at = NULL, requeued_at = NULL
          WHERE status = 'failed' AND body IS NOT NULL
            AND ($1::uuid IS NULL OR id = $1)
            AND ($2::text IS NULL OR channel = $2)
@@ -172,16 +174,22 @@ pub async fn reopen_failed(
     .bind(&filter.error_code)
     .fetch_all(&mut *tx)
     .await?;
-    let events: Vec<(String, serde_json::Value)> = ids
-        .iter()
-        .map(|id| {
-            (
-                id.to_string(),
-                json!({ "before": { "status": "failed" }, "after": { "status": "pending" } }),
-            )
-        })
-        .collect();
-    audit::record_many(&mut tx, actor, "event.retried", "webhook_event", &events).await?;
+    audit::record(
+        &mut tx,
+        AuditEvent {
+            actor,
+            action: "event.retried",
+            subject_type: "webhook_event",
+            subject_id: filter.id.map_or_else(|| "failed".to_owned(), |id| id.to_string()),
+            reason: Some(reason),
+            data: json!({
+                "filter": { "channel": filter.channel, "error_code": filter.error_code },
+                "before": { "status": "failed" },
+                "after": { "status": "pending", "events": ids },
+            }),
+        },
+    )
+    .await?;
     tx.commit().await?;
     Ok(ids)
 }

@@ -331,12 +331,13 @@ async fn finish(
                     .map_or(now, |t| t.max(now));
                 let recipient_name: Option<String> = order.get("gift_recipient_name");
                 let gift = NewDelivery {
-                    order_id,
+                    order_id: Some(order_id),
                     kind: "gift_codes",
                     recipient: &recipient,
                     recipient_name: recipient_name.as_deref(),
                     send_after: send_at,
                     codes: CodeSelection::ActiveOfOrder,
+                    requested_by: None,
                 };
                 if let Some(id) =
                     create_delivery(&mut tx, &gift, settings.message_id_domain).await?
@@ -344,12 +345,13 @@ async fn finish(
                     deliveries.push((id, send_at));
                 }
                 let receipt = NewDelivery {
-                    order_id,
+                    order_id: Some(order_id),
                     kind: "gift_receipt",
                     recipient: &buyer,
                     recipient_name: buyer_name.as_deref(),
                     send_after: now,
                     codes: CodeSelection::None,
+                    requested_by: None,
                 };
                 if let Some(id) =
                     create_delivery(&mut tx, &receipt, settings.message_id_domain).await?
@@ -359,12 +361,13 @@ async fn finish(
             }
             None => {
                 let codes = NewDelivery {
-                    order_id,
+                    order_id: Some(order_id),
                     kind: "order_codes",
                     recipient: &buyer,
                     recipient_name: buyer_name.as_deref(),
                     send_after: now,
                     codes: CodeSelection::ActiveOfOrder,
+                    requested_by: None,
                 };
                 if let Some(id) =
                     create_delivery(&mut tx, &codes, settings.message_id_domain).await?
@@ -413,12 +416,14 @@ pub enum CodeSelection {
 /// A delivery to create.
 #[derive(Debug, Clone)]
 pub struct NewDelivery<'a> {
-    pub order_id: Uuid,
+    pub order_id: Option<Uuid>,
     pub kind: &'a str,
     pub recipient: &'a str,
     pub recipient_name: Option<&'a str>,
     pub send_after: DateTime<Utc>,
     pub codes: CodeSelection,
+    /// The support or operations actor who asked for it, if anyone did.
+    pub requested_by: Option<&'a str>,
 }
 
 /// Creates a pending delivery with a Message-ID fixed now, so every attempt
@@ -433,8 +438,8 @@ pub async fn create_delivery(
     let id = Uuid::now_v7();
     let created = sqlx::query(
         "INSERT INTO email_delivery (id, order_id, kind, recipient_email, recipient_name,
-                                     send_after, message_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)
+                                     send_after, message_id, requested_by)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
          ON CONFLICT DO NOTHING",
     )
     .bind(id)
@@ -444,6 +449,7 @@ pub async fn create_delivery(
     .bind(delivery.recipient_name)
     .bind(delivery.send_after)
     .bind(format!("<{id}@{message_id_domain}>"))
+    .bind(delivery.requested_by)
     .execute(&mut *conn)
     .await?
     .rows_affected();
@@ -484,6 +490,10 @@ pub async fn create_delivery(
             .execute(&mut *conn)
             .await?;
         return Ok(None);
+    }
+    if delivery.requested_by.is_some() {
+        // The support action that asked for it writes the audit event.
+        return Ok(Some(id));
     }
     audit::record(
         conn,
@@ -533,4 +543,55 @@ pub(crate) async fn mark_processed(
         },
     )
     .await
+}
+
+/// Issues `count` codes of a product outside checkout, for batch `batch_id`
+/// (customer service, partners, test accounts, replacements), in statements
+/// of a bounded size. The caller's action writes the audit event. Returns
+/// each new code's id and last four symbols.
+pub async fn issue_batch_codes(
+    conn: &mut PgConnection,
+    keys: &CodeKeys,
+    product_id: Uuid,
+    batch_id: Uuid,
+    count: u32,
+    replaces: Option<Uuid>,
+) -> sqlx::Result<Vec<(Uuid, String)>> {
+    let mut issued = Vec::with_capacity(count as usize);
+    let mut left = count as usize;
+    while left > 0 {
+        let n = left.min(500);
+        let mut ids = Vec::with_capacity(n);
+        let mut hashes = Vec::with_capacity(n);
+        let mut sealed = Vec::with_capacity(n);
+        let mut last4 = Vec::with_capacity(n);
+        for _ in 0..n {
+            let code = Code::generate();
+            ids.push(Uuid::now_v7());
+            hashes.push(keys.hash(&code));
+            sealed.push(keys.seal(&code));
+            last4.push(code.last4().to_owned());
+        }
+        sqlx::query(
+            "INSERT INTO activation_code (id, product_id, code_hash, code_sealed, last4, batch_id,
+                                          replaces, expires_at)
+             SELECT u.id, $1, u.hash, u.sealed, u.last4, $2, $3,
+                    now() + make_interval(days => p.validity_days)
+             FROM UNNEST($4::uuid[], $5::bytea[], $6::bytea[], $7::text[]) AS u(id, hash, sealed, last4)
+             JOIN product p ON p.id = $1",
+        )
+        .bind(product_id)
+        .bind(batch_id)
+        .bind(replaces)
+        .bind(&ids)
+        .bind(&hashes)
+        .bind(&sealed)
+        .bind(&last4)
+        .execute(&mut *conn)
+        .await?;
+        issued.extend(ids.into_iter().zip(last4));
+        left -= n;
+    }
+    metrics::counter!("entitle_codes_issued_total").increment(u64::from(count));
+    Ok(issued)
 }

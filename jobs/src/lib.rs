@@ -22,6 +22,7 @@ pub mod queue;
 pub mod redemption;
 pub mod shutdown;
 pub mod sweep;
+pub mod token;
 pub mod telemetry;
 
 pub use config::Config;

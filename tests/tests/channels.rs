@@ -476,6 +476,7 @@ async fn an_unknown_product_is_parked_then_fulfilled_after_the_catalogue_is_fixe
             ..Default::default()
         },
         "operator:test",
+        "catalogue fixed",
     )
     .await
     .unwrap();

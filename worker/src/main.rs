@@ -59,7 +59,13 @@ async fn main() -> anyhow::Result<()> {
                 error_code,
             };
             let ids =
-                entitle_jobs::handlers::retry_failed_events(&ctx, &filter, "operator:cli").await?;
+                entitle_jobs::handlers::retry_failed_events(
+                &ctx,
+                &filter,
+                "operator:cli",
+                "entitle-worker retry-failed",
+            )
+            .await?;
             println!("{} failed event(s) queued again", ids.len());
             for id in ids {
                 println!("{id}");

@@ -1,0 +1,251 @@
+//! Orders and accounts: find, trace (lines, masked codes, deliveries and the
+//! whole timeline), and change the expiry of an order's codes.
+
+use axum::{
+    Json, Router,
+    extract::{Path, Query, State},
+    http::{HeaderMap, StatusCode},
+    routing::{get, post},
+};
+use chrono::{DateTime, Utc};
+use entitle_jobs::{
+    audit::{self, AuditEvent},
+    token::Role,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::{Answer, idempotency_begin, idempotency_finish, not_found, require_reason};
+use crate::{
+    AppState,
+    auth::Actor,
+    error::{ApiError, ApiJson},
+};
+
+/// A code as views show it: never the code, only its last four symbols.
+pub const CODE_JSON: &str = "json_build_object(
+    'id', c.id, 'last4', c.last4, 'masked', '••••-••••-••••-' || c.last4,
+    'product_sku', p.sku, 'state', c.state, 'unit_index', c.unit_index,
+    'issued_at', c.issued_at, 'expires_at', c.expires_at, 'redeemed_at', c.redeemed_at,
+    'revoked_at', c.revoked_at, 'expired_at', c.expired_at, 'replaces', c.replaces,
+    'replaced_by', (SELECT r.id FROM activation_code r WHERE r.replaces = c.id LIMIT 1),
+    'assignment', (SELECT json_build_object('account_id', a.account_id, 'entity_ref', a.entity_ref,
+                                            'assigned_at', a.assigned_at, 'assigned_by', a.assigned_by)
+                   FROM assignment a WHERE a.code_id = c.id AND a.ended_at IS NULL))";
+
+/// A delivery as views show it.
+pub const DELIVERY_JSON: &str = "json_build_object(
+    'id', d.id, 'kind', d.kind, 'recipient_email', d.recipient_email, 'status', d.status,
+    'attempts', d.attempts, 'last_error', d.last_error, 'send_after', d.send_after,
+    'sent_at', d.sent_at, 'message_id', d.message_id, 'requested_by', d.requested_by,
+    'codes', (SELECT count(*) FROM email_delivery_code dc WHERE dc.delivery_id = d.id))";
+
+/// An audit event as views show it.
+pub const EVENT_JSON: &str = "json_build_object(
+    'id', e.id, 'at', e.occurred_at, 'actor', e.actor, 'action', e.action,
+    'subject_type', e.subject_type, 'subject_id', e.subject_id, 'reason', e.reason, 'data', e.data)";
+
+#[derive(Debug, Deserialize)]
+struct Find {
+    channel: Option<String>,
+    channel_order_id: Option<String>,
+    email: Option<String>,
+    account_id: Option<String>,
+}
+
+async fn find(
+    actor: Actor,
+    State(state): State<AppState>,
+    Query(find): Query<Find>,
+) -> Result<Json<Value>, ApiError> {
+    actor.require(Role::Support)?;
+    if find.channel_order_id.is_none() && find.email.is_none() && find.account_id.is_none() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "give channel_order_id (with channel), email or account_id",
+        ));
+    }
+    let orders: Value = sqlx::query_scalar(
+        "SELECT coalesce(json_agg(json_build_object(
+                    'id', o.id, 'channel', o.channel, 'channel_order_id', o.channel_order_id,
+                    'buyer_email', o.buyer_email, 'account_id', o.account_id, 'state', o.state,
+                    'paid_at', o.paid_at, 'gift_recipient_email', o.gift_recipient_email,
+                    'units', (SELECT coalesce(sum(quantity), 0) FROM order_line l WHERE l.order_id = o.id))
+                ORDER BY o.created_at DESC), '[]')
+         FROM (SELECT * FROM orders o
+               WHERE ($1::text IS NULL OR o.channel = $1)
+                 AND ($2::text IS NULL OR o.channel_order_id = $2)
+                 AND ($3::text IS NULL OR lower(o.buyer_email) = lower($3)
+                      OR lower(o.gift_recipient_email) = lower($3))
+                 AND ($4::text IS NULL OR o.account_id = $4)
+               ORDER BY o.created_at DESC LIMIT 200) o",
+    )
+    .bind(&find.channel)
+    .bind(&find.channel_order_id)
+    .bind(&find.email)
+    .bind(&find.account_id)
+    .fetch_one(&state.ctx.pool)
+    .await?;
+    Ok(Json(json!({ "orders": orders })))
+}
+
+/// The full trace of an order.
+pub async fn order_view(pool: &sqlx::PgPool, id: Uuid) -> Result<Option<Value>, sqlx::Error> {
+    let sql = format!(
+        "SELECT json_build_object(
+            'id', o.id, 'channel', o.channel, 'channel_order_id', o.channel_order_id,
+            'payment_reference', o.payment_reference, 'buyer_email', o.buyer_email,
+            'buyer_name', o.buyer_name, 'account_id', o.account_id, 'state', o.state,
+            'currency', o.currency, 'amount_total', o.amount_total, 'paid_at', o.paid_at,
+            'issued_at', o.issued_at,
+            'gift', CASE WHEN o.gift_recipient_email IS NULL THEN NULL ELSE json_build_object(
+                'recipient_email', o.gift_recipient_email, 'recipient_name', o.gift_recipient_name,
+                'message', o.gift_message, 'send_at', o.gift_send_at) END,
+            'lines', (SELECT coalesce(json_agg(json_build_object(
+                        'id', l.id, 'line_index', l.line_index, 'channel_reference', l.channel_reference,
+                        'product_sku', p.sku, 'quantity', l.quantity,
+                        'refunded_quantity', l.refunded_quantity) ORDER BY l.line_index), '[]')
+                      FROM order_line l JOIN product p ON p.id = l.product_id WHERE l.order_id = o.id),
+            'codes', (SELECT coalesce(json_agg({CODE_JSON} ORDER BY l.line_index, c.unit_index), '[]')
+                      FROM activation_code c JOIN order_line l ON l.id = c.order_line_id
+                      JOIN product p ON p.id = c.product_id WHERE l.order_id = o.id),
+            'replacement_codes', (SELECT coalesce(json_agg({CODE_JSON} ORDER BY c.issued_at), '[]')
+                      FROM activation_code c JOIN code_batch b ON b.id = c.batch_id
+                      JOIN product p ON p.id = c.product_id WHERE b.order_id = o.id),
+            'deliveries', (SELECT coalesce(json_agg({DELIVERY_JSON} ORDER BY d.created_at), '[]')
+                           FROM email_delivery d WHERE d.order_id = o.id),
+            'events', (SELECT coalesce(json_agg(json_build_object('id', w.id, 'channel', w.channel,
+                            'event_id', w.event_id, 'event_type', w.event_type, 'status', w.status,
+                            'error_code', w.error_code, 'received_at', w.received_at)
+                            ORDER BY w.received_at), '[]')
+                       FROM webhook_inbox w WHERE w.order_id = o.id),
+            'timeline', (SELECT coalesce(json_agg({EVENT_JSON} ORDER BY e.id), '[]')
+                         FROM audit_event e
+                         WHERE (e.subject_type = 'order' AND e.subject_id = o.id::text)
+                            OR (e.subject_type = 'code' AND e.subject_id IN (
+                                  SELECT c.id::text FROM activation_code c
+                                  LEFT JOIN order_line l ON l.id = c.order_line_id
+                                  LEFT JOIN code_batch b ON b.id = c.batch_id
+                                  WHERE l.order_id = o.id OR b.order_id = o.id))
+                            OR (e.subject_type = 'delivery' AND e.subject_id IN (
+                                  SELECT d.id::text FROM email_delivery d WHERE d.order_id = o.id))
+                            OR (e.subject_type = 'webhook_event' AND e.subject_id IN (
+                                  SELECT w.id::text FROM webhook_inbox w WHERE w.order_id = o.id)))
+         ) FROM orders o WHERE o.id = $1"
+    );
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
+async fn show(
+    actor: Actor,
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Value>, ApiError> {
+    actor.require(Role::Support)?;
+    order_view(&state.ctx.pool, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| not_found("order"))
+}
+
+async fn account(
+    actor: Actor,
+    State(state): State<AppState>,
+    Path(account_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    actor.require(Role::Support)?;
+    let sql = format!(
+        "SELECT json_build_object(
+            'account_id', $1::text,
+            'orders', (SELECT coalesce(json_agg(json_build_object('id', o.id, 'channel', o.channel,
+                            'channel_order_id', o.channel_order_id, 'state', o.state, 'paid_at', o.paid_at)
+                            ORDER BY o.created_at DESC), '[]') FROM orders o WHERE o.account_id = $1),
+            'codes', (SELECT coalesce(json_agg({CODE_JSON} ORDER BY a.assigned_at DESC), '[]')
+                      FROM assignment a JOIN activation_code c ON c.id = a.code_id
+                      JOIN product p ON p.id = c.product_id
+                      WHERE a.account_id = $1 AND a.ended_at IS NULL))"
+    );
+    let view: Value = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(&account_id)
+        .fetch_one(&state.ctx.pool)
+        .await?;
+    Ok(Json(view))
+}
+
+/// A new expiry, with its reason.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpiryRequest {
+    pub expires_at: DateTime<Utc>,
+    pub reason: String,
+}
+
+async fn order_expiry(
+    actor: Actor,
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+    headers: HeaderMap,
+    ApiJson(request): ApiJson<ExpiryRequest>,
+) -> Result<Answer, ApiError> {
+    actor.require(Role::Operator)?;
+    require_reason(&request.reason)?;
+    let mut tx = state.ctx.pool.begin().await?;
+    let path = format!("POST /admin/v1/orders/{id}/expiry");
+    if let Some(stored) = idempotency_begin(&mut tx, &actor, &headers, &path, &request).await? {
+        return Ok(stored);
+    }
+    let exists: Option<Uuid> = sqlx::query_scalar("SELECT id FROM orders WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    exists.ok_or_else(|| not_found("order"))?;
+    let changed: Vec<(Uuid, DateTime<Utc>, String)> = sqlx::query_as(
+        "WITH old AS (SELECT c.id, c.expires_at, c.state FROM activation_code c
+                      JOIN order_line l ON l.id = c.order_line_id
+                      WHERE l.order_id = $1 AND c.state IN ('issued', 'redeemed', 'expired') FOR UPDATE OF c)
+         UPDATE activation_code c SET expires_at = $2,
+             state = CASE WHEN c.state = 'expired' AND $2 > now() THEN 'issued' ELSE c.state END,
+             expired_at = CASE WHEN c.state = 'expired' AND $2 > now() THEN NULL ELSE c.expired_at END
+         FROM old WHERE c.id = old.id
+         RETURNING c.id, old.expires_at, old.state",
+    )
+    .bind(id)
+    .bind(request.expires_at)
+    .fetch_all(&mut *tx)
+    .await?;
+    audit::record(
+        &mut tx,
+        AuditEvent {
+            actor: &actor.name,
+            action: "order.expiry_changed",
+            subject_type: "order",
+            subject_id: id.to_string(),
+            reason: Some(&request.reason),
+            data: json!({
+                "before": changed.iter().map(|(c, e, s)| json!({ "code": c, "expires_at": e, "state": s })).collect::<Vec<_>>(),
+                "after": { "expires_at": request.expires_at, "codes": changed.len() },
+            }),
+        },
+    )
+    .await?;
+    let answer = (
+        StatusCode::OK,
+        Json(json!({ "order": id, "codes_changed": changed.len(), "expires_at": request.expires_at })),
+    );
+    idempotency_finish(&mut tx, &actor, &headers, &answer).await?;
+    tx.commit().await?;
+    Ok(answer)
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/admin/v1/orders", get(find))
+        .route("/admin/v1/orders/{id}", get(show))
+        .route("/admin/v1/orders/{id}/expiry", post(order_expiry))
+        .route("/admin/v1/accounts/{account_id}", get(account))
+}
