@@ -52,7 +52,8 @@ async fn main() -> anyhow::Result<()> {
             let role = entitle_jobs::token::Role::parse(&role)
                 .ok_or_else(|| anyhow::anyhow!("--role must be support, operator or admin"))?;
             let token =
-                entitle_jobs::token::create(&ctx.pool, &name, role, "operator:bootstrap", &reason).await?;
+                entitle_jobs::token::create(&ctx.pool, &name, role, "operator:bootstrap", &reason)
+                    .await?;
             // The only time the token is shown.
             println!("{token}");
             return Ok(());

@@ -180,7 +180,9 @@ pub async fn reopen_failed(
             actor,
             action: "event.retried",
             subject_type: "webhook_event",
-            subject_id: filter.id.map_or_else(|| "failed".to_owned(), |id| id.to_string()),
+            subject_id: filter
+                .id
+                .map_or_else(|| "failed".to_owned(), |id| id.to_string()),
             reason: Some(reason),
             data: json!({
                 "filter": { "channel": filter.channel, "error_code": filter.error_code },

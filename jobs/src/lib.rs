@@ -22,8 +22,8 @@ pub mod queue;
 pub mod redemption;
 pub mod shutdown;
 pub mod sweep;
-pub mod token;
 pub mod telemetry;
+pub mod token;
 
 pub use config::Config;
 pub use context::Context;

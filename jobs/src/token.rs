@@ -100,7 +100,7 @@ pub async fn create(
             subject_type: "token",
             subject_id: name.to_owned(),
             reason: Some(reason),
-            data: json!({ "after": { "role": role.as_str() } }),
+            data: json!({ "before": null, "after": { "role": role.as_str() } }),
         },
     )
     .await?;

@@ -395,6 +395,47 @@ impl TestApp {
         out
     }
 
+    /// A new admin API token with `role`, named after the role.
+    pub async fn token(&self, role: entitle_jobs::token::Role) -> String {
+        entitle_jobs::token::create(
+            &self.pool,
+            &format!("{}-{}", role.as_str(), Uuid::new_v4().simple()),
+            role,
+            "test",
+            "test",
+        )
+        .await
+        .expect("a token")
+    }
+
+    /// Calls the admin API; returns the status and the JSON answer (or the
+    /// text as a JSON string when the answer is not JSON).
+    pub async fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        idempotency_key: Option<&str>,
+    ) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("an HTTP method");
+        let mut request = self.http.request(method, format!("{}{path}", self.address));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(key) = idempotency_key {
+            request = request.header("idempotency-key", key);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("the gateway answers");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, value)
+    }
+
     /// Runs a `SELECT count(*) …` and returns the count.
     pub async fn count(&self, sql: &'static str) -> i64 {
         sqlx::query_scalar(sql)

@@ -58,8 +58,7 @@ async fn main() -> anyhow::Result<()> {
                 channel,
                 error_code,
             };
-            let ids =
-                entitle_jobs::handlers::retry_failed_events(
+            let ids = entitle_jobs::handlers::retry_failed_events(
                 &ctx,
                 &filter,
                 "operator:cli",

@@ -26,7 +26,11 @@ struct Filter {
     limit: Option<i64>,
 }
 
-async fn list(actor: Actor, State(state): State<AppState>, Query(f): Query<Filter>) -> Result<Json<Value>, ApiError> {
+async fn list(
+    actor: Actor,
+    State(state): State<AppState>,
+    Query(f): Query<Filter>,
+) -> Result<Json<Value>, ApiError> {
     actor.require(Role::Support)?;
     let limit = f.limit.unwrap_or(100).clamp(1, 1000);
     let sql = format!(
@@ -53,7 +57,9 @@ async fn list(actor: Actor, State(state): State<AppState>, Query(f): Query<Filte
         .fetch_one(&state.ctx.pool)
         .await?;
     let full_page = events.as_array().is_some_and(|a| a.len() as i64 == limit);
-    Ok(Json(json!({ "events": events, "next_before": if full_page { last } else { None } })))
+    Ok(Json(
+        json!({ "events": events, "next_before": if full_page { last } else { None } }),
+    ))
 }
 
 pub fn router() -> Router<AppState> {

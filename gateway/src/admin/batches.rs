@@ -20,7 +20,10 @@ use serde_json::{Value, json};
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{Answer, conflict, idempotency_begin, idempotency_finish, not_found, orders::CODE_JSON, require_reason};
+use super::{
+    Answer, conflict, idempotency_begin, idempotency_finish, not_found, orders::CODE_JSON,
+    require_reason,
+};
 use crate::{
     AppState,
     auth::Actor,
@@ -52,26 +55,54 @@ async fn create(
 ) -> Result<Answer, ApiError> {
     actor.require(Role::Operator)?;
     require_reason(&request.reason)?;
-    let invalid = |detail: &str| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", detail.to_owned());
+    let invalid = |detail: &str| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            detail.to_owned(),
+        )
+    };
     if !(1..=MAX_BATCH).contains(&request.quantity) {
         return Err(invalid("quantity must be 1 to 10000"));
     }
-    if !["customer_service", "partner_distribution", "test_account", "replacement"].contains(&request.kind.as_str()) {
-        return Err(invalid("kind must be customer_service, partner_distribution, test_account or replacement"));
+    if ![
+        "customer_service",
+        "partner_distribution",
+        "test_account",
+        "replacement",
+    ]
+    .contains(&request.kind.as_str())
+    {
+        return Err(invalid(
+            "kind must be customer_service, partner_distribution, test_account or replacement",
+        ));
     }
     if let Some(email) = &request.email
         && email.parse::<lettre::Address>().is_err()
     {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_email", "email is not an address"));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_email",
+            "email is not an address",
+        ));
     }
     let mut tx = state.ctx.pool.begin().await?;
-    if let Some(stored) = idempotency_begin(&mut tx, &actor, &headers, "POST /admin/v1/batches", &request).await? {
+    if let Some(stored) = idempotency_begin(
+        &mut tx,
+        &actor,
+        &headers,
+        "POST /admin/v1/batches",
+        &request,
+    )
+    .await?
+    {
         return Ok(stored);
     }
-    let product: Option<Uuid> = sqlx::query_scalar("SELECT id FROM product WHERE sku = $1 AND active")
-        .bind(&request.product_sku)
-        .fetch_optional(&mut *tx)
-        .await?;
+    let product: Option<Uuid> =
+        sqlx::query_scalar("SELECT id FROM product WHERE sku = $1 AND active")
+            .bind(&request.product_sku)
+            .fetch_optional(&mut *tx)
+            .await?;
     let product = product.ok_or_else(|| not_found("active product with that sku"))?;
     if let Some(order_id) = request.order_id {
         let found: Option<Uuid> = sqlx::query_scalar("SELECT id FROM orders WHERE id = $1")
@@ -95,22 +126,32 @@ async fn create(
     .bind(request.order_id)
     .execute(&mut *tx)
     .await?;
-    let codes = issuance::issue_batch_codes(&mut tx, &state.ctx.keys, product, batch_id, request.quantity, None).await?;
+    let codes = issuance::issue_batch_codes(
+        &mut tx,
+        &state.ctx.keys,
+        product,
+        batch_id,
+        request.quantity,
+        None,
+    )
+    .await?;
     let delivery = match &request.email {
-        Some(email) => issuance::create_delivery(
-            &mut tx,
-            &NewDelivery {
-                order_id: request.order_id,
-                kind: "batch_codes",
-                recipient: email,
-                recipient_name: None,
-                send_after: Utc::now(),
-                codes: CodeSelection::These(codes.iter().map(|(id, _)| *id).collect()),
-                requested_by: Some(&actor.name),
-            },
-            &state.ctx.config.email.message_id_domain,
-        )
-        .await?,
+        Some(email) => {
+            issuance::create_delivery(
+                &mut tx,
+                &NewDelivery {
+                    order_id: request.order_id,
+                    kind: "batch_codes",
+                    recipient: email,
+                    recipient_name: None,
+                    send_after: Utc::now(),
+                    codes: CodeSelection::These(codes.iter().map(|(id, _)| *id).collect()),
+                    requested_by: Some(&actor.name),
+                },
+                &state.ctx.config.email.message_id_domain,
+            )
+            .await?
+        }
         None => None,
     };
     audit::record(
@@ -137,9 +178,11 @@ async fn create(
         .collect();
     let answer = (
         StatusCode::CREATED,
-        Json(json!({ "id": batch_id, "quantity": request.quantity, "kind": request.kind,
+        Json(
+            json!({ "id": batch_id, "quantity": request.quantity, "kind": request.kind,
                      "codes": shown, "delivery": delivery,
-                     "export": format!("/admin/v1/batches/{batch_id}/export") })),
+                     "export": format!("/admin/v1/batches/{batch_id}/export") }),
+        ),
     );
     idempotency_finish(&mut tx, &actor, &headers, &answer).await?;
     tx.commit().await?;
@@ -149,7 +192,11 @@ async fn create(
     Ok(answer)
 }
 
-async fn show(actor: Actor, State(state): State<AppState>, Path(id): Path<Uuid>) -> Result<Json<Value>, ApiError> {
+async fn show(
+    actor: Actor,
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Value>, ApiError> {
     actor.require(Role::Support)?;
     let sql = format!(
         "SELECT json_build_object('id', b.id, 'product_sku', p.sku, 'kind', b.kind, 'quantity', b.quantity,
@@ -190,7 +237,12 @@ async fn export(
             .await?;
     match exists {
         None => return Err(not_found("batch")),
-        Some(Some(at)) => return Err(conflict("batch_already_exported", format!("exported at {at}"))),
+        Some(Some(at)) => {
+            return Err(conflict(
+                "batch_already_exported",
+                format!("exported at {at}"),
+            ));
+        }
         Some(None) => {}
     }
     sqlx::query("UPDATE code_batch SET exported_at = now() WHERE id = $1")
@@ -236,7 +288,10 @@ async fn export(
     Ok((
         [
             (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
-            (header::CONTENT_DISPOSITION, format!("attachment; filename=\"batch-{id}.csv\"")),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"batch-{id}.csv\""),
+            ),
         ],
         csv,
     )

@@ -108,12 +108,17 @@ async fn lookup(
 ) -> Result<Json<Value>, ApiError> {
     actor.require(Role::Support)?;
     let code = Code::parse(&request.code).map_err(|e| {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "code_malformed", e.to_string())
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "code_malformed",
+            e.to_string(),
+        )
     })?;
-    let id: Option<Uuid> = sqlx::query_scalar("SELECT id FROM activation_code WHERE code_hash = $1")
-        .bind(state.ctx.keys.hash(&code))
-        .fetch_optional(&state.ctx.pool)
-        .await?;
+    let id: Option<Uuid> =
+        sqlx::query_scalar("SELECT id FROM activation_code WHERE code_hash = $1")
+            .bind(state.ctx.keys.hash(&code))
+            .fetch_optional(&state.ctx.pool)
+            .await?;
     let id = id.ok_or_else(|| not_found("code"))?;
     code_view(&state.ctx.pool, id)
         .await?
@@ -168,7 +173,11 @@ fn state_conflict(state: &str) -> ApiError {
     }
 }
 
-async fn end_assignment(conn: &mut PgConnection, id: Uuid, why: &str) -> Result<Option<Value>, ApiError> {
+async fn end_assignment(
+    conn: &mut PgConnection,
+    id: Uuid,
+    why: &str,
+) -> Result<Option<Value>, ApiError> {
     let ended: Option<(String, String)> = sqlx::query_as(
         "UPDATE assignment SET ended_at = now(), ended_reason = $2
          WHERE code_id = $1 AND ended_at IS NULL RETURNING account_id, entity_ref",
@@ -177,7 +186,9 @@ async fn end_assignment(conn: &mut PgConnection, id: Uuid, why: &str) -> Result<
     .bind(why)
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(ended.map(|(account_id, entity_ref)| json!({ "account_id": account_id, "entity_ref": entity_ref })))
+    Ok(ended.map(
+        |(account_id, entity_ref)| json!({ "account_id": account_id, "entity_ref": entity_ref }),
+    ))
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -228,7 +239,10 @@ async fn revoke(
         },
     )
     .await?;
-    let answer = (StatusCode::OK, Json(json!({ "id": id, "last4": code.last4, "state": "revoked" })));
+    let answer = (
+        StatusCode::OK,
+        Json(json!({ "id": id, "last4": code.last4, "state": "revoked" })),
+    );
     idempotency_finish(&mut tx, &actor, &headers, &answer).await?;
     tx.commit().await?;
     Ok(answer)
@@ -272,13 +286,19 @@ async fn reissue(
             )
         })?;
     if recipient.parse::<lettre::Address>().is_err() {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_email", "email is not an address"));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_email",
+            "email is not an address",
+        ));
     }
     if code.state == "issued" {
-        sqlx::query("UPDATE activation_code SET state = 'revoked', revoked_at = now() WHERE id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE activation_code SET state = 'revoked', revoked_at = now() WHERE id = $1",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
     }
     let batch_id = Uuid::now_v7();
     sqlx::query(
@@ -293,10 +313,21 @@ async fn reissue(
     .bind(code.order_id)
     .execute(&mut *tx)
     .await?;
-    let issued =
-        issuance::issue_batch_codes(&mut tx, &state.ctx.keys, code.product_id, batch_id, 1, Some(id)).await?;
+    let issued = issuance::issue_batch_codes(
+        &mut tx,
+        &state.ctx.keys,
+        code.product_id,
+        batch_id,
+        1,
+        Some(id),
+    )
+    .await?;
     let (new_id, new_last4) = issued[0].clone();
-    let name = if request.email.is_some() { None } else { code.holder_name.as_deref() };
+    let name = if request.email.is_some() {
+        None
+    } else {
+        code.holder_name.as_deref()
+    };
     let delivery = issuance::create_delivery(
         &mut tx,
         &NewDelivery {
@@ -331,8 +362,10 @@ async fn reissue(
     .await?;
     let answer = (
         StatusCode::CREATED,
-        Json(json!({ "replaced": id, "code": { "id": new_id, "last4": new_last4 },
-                     "delivery": delivery, "recipient": recipient })),
+        Json(
+            json!({ "replaced": id, "code": { "id": new_id, "last4": new_last4 },
+                     "delivery": delivery, "recipient": recipient }),
+        ),
     );
     idempotency_finish(&mut tx, &actor, &headers, &answer).await?;
     tx.commit().await?;
@@ -358,7 +391,11 @@ async fn reassign(
     actor.require(Role::Operator)?;
     require_reason(&request.reason)?;
     if request.account_id.trim().is_empty() || request.entity_ref.trim().is_empty() {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", "account_id and entity_ref are needed"));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "account_id and entity_ref are needed",
+        ));
     }
     let mut tx = state.ctx.pool.begin().await?;
     let path = format!("POST /admin/v1/codes/{id}/reassign");
@@ -367,7 +404,10 @@ async fn reassign(
     }
     let code = lock(&mut tx, id).await?;
     if code.state != "redeemed" {
-        return Err(conflict("code_not_redeemed", "only a redeemed code can be reassigned"));
+        return Err(conflict(
+            "code_not_redeemed",
+            "only a redeemed code can be reassigned",
+        ));
     }
     let before = end_assignment(&mut tx, id, "reassigned").await?;
     let assignment = Uuid::now_v7();
@@ -394,7 +434,10 @@ async fn reassign(
         },
     )
     .await?;
-    let answer = (StatusCode::OK, Json(json!({ "id": id, "state": "redeemed", "assignment": after })));
+    let answer = (
+        StatusCode::OK,
+        Json(json!({ "id": id, "state": "redeemed", "assignment": after })),
+    );
     idempotency_finish(&mut tx, &actor, &headers, &answer).await?;
     tx.commit().await?;
     Ok(answer)
@@ -422,7 +465,10 @@ async fn unassign(
     }
     let code = lock(&mut tx, id).await?;
     if code.state != "redeemed" {
-        return Err(conflict("code_not_redeemed", "only a redeemed code can be unassigned"));
+        return Err(conflict(
+            "code_not_redeemed",
+            "only a redeemed code can be unassigned",
+        ));
     }
     let before = end_assignment(&mut tx, id, "unassigned").await?;
     sqlx::query("UPDATE activation_code SET state = 'issued', redeemed_at = NULL WHERE id = $1")
@@ -469,10 +515,11 @@ async fn expiry(
     if code.state == "revoked" {
         return Err(state_conflict("revoked"));
     }
-    let before: DateTime<Utc> = sqlx::query_scalar("SELECT expires_at FROM activation_code WHERE id = $1")
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await?;
+    let before: DateTime<Utc> =
+        sqlx::query_scalar("SELECT expires_at FROM activation_code WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
     // Extending an expired code brings it back.
     let state_after: String = sqlx::query_scalar(
         "UPDATE activation_code SET expires_at = $2,

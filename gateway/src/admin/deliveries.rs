@@ -43,7 +43,11 @@ async fn resend(
     if let Some(email) = &request.email
         && email.parse::<lettre::Address>().is_err()
     {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_email", "email is not an address"));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_email",
+            "email is not an address",
+        ));
     }
     let mut tx = state.ctx.pool.begin().await?;
     let path = format!("POST /admin/v1/deliveries/{id}/resend");
@@ -65,10 +69,17 @@ async fn resend(
     .fetch_all(&mut *tx)
     .await?;
     if codes.is_empty() {
-        return Err(conflict("nothing_to_resend", "the delivery carries no code that is still usable"));
+        return Err(conflict(
+            "nothing_to_resend",
+            "the delivery carries no code that is still usable",
+        ));
     }
     let recipient = request.email.clone().unwrap_or(original_to.clone());
-    let name = if request.email.is_some() { None } else { original_name.as_deref() };
+    let name = if request.email.is_some() {
+        None
+    } else {
+        original_name.as_deref()
+    };
     let delivery = issuance::create_delivery(
         &mut tx,
         &NewDelivery {
@@ -102,7 +113,9 @@ async fn resend(
     .await?;
     let answer = (
         StatusCode::CREATED,
-        Json(json!({ "delivery": delivery, "resends": id, "recipient": recipient, "codes": codes.len() })),
+        Json(
+            json!({ "delivery": delivery, "resends": id, "recipient": recipient, "codes": codes.len() }),
+        ),
     );
     idempotency_finish(&mut tx, &actor, &headers, &answer).await?;
     tx.commit().await?;

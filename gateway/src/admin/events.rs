@@ -44,7 +44,10 @@ async fn retry(
     let ids = handlers::retry_failed_events(&state.ctx, &filter, &actor.name, &request.reason)
         .await
         .map_err(ApiError::internal)?;
-    Ok((StatusCode::OK, Json(json!({ "queued": ids.len(), "events": ids }))))
+    Ok((
+        StatusCode::OK,
+        Json(json!({ "queued": ids.len(), "events": ids })),
+    ))
 }
 
 pub fn router() -> Router<AppState> {

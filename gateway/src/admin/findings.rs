@@ -28,7 +28,11 @@ struct Filter {
     run: Option<Uuid>,
 }
 
-async fn list(actor: Actor, State(state): State<AppState>, Query(f): Query<Filter>) -> Result<Json<Value>, ApiError> {
+async fn list(
+    actor: Actor,
+    State(state): State<AppState>,
+    Query(f): Query<Filter>,
+) -> Result<Json<Value>, ApiError> {
     actor.require(Role::Support)?;
     let findings: Value = sqlx::query_scalar(
         "SELECT coalesce(json_agg(json_build_object('id', f.id, 'run_id', f.run_id, 'kind', f.kind,
@@ -71,15 +75,23 @@ async fn decide(
     if let Some(stored) = idempotency_begin(&mut tx, &actor, &headers, &path, &request).await? {
         return Ok(stored);
     }
-    let status: Option<String> = sqlx::query_scalar("SELECT status FROM reconciliation_finding WHERE id = $1 FOR UPDATE")
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM reconciliation_finding WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
     let status = status.ok_or_else(|| not_found("finding"))?;
     if status != "open" {
-        return Err(conflict("finding_closed", format!("the finding is already {status}")));
+        return Err(conflict(
+            "finding_closed",
+            format!("the finding is already {status}"),
+        ));
     }
-    let after = if to == "resolve" { "resolved" } else { "ignored" };
+    let after = if to == "resolve" {
+        "resolved"
+    } else {
+        "ignored"
+    };
     sqlx::query(
         "UPDATE reconciliation_finding SET status = $2, resolved_at = now(), resolved_by = $3,
                 resolution_reason = $4 WHERE id = $1",
@@ -94,7 +106,11 @@ async fn decide(
         &mut tx,
         AuditEvent {
             actor: &actor.name,
-            action: if to == "resolve" { "finding.resolved" } else { "finding.ignored" },
+            action: if to == "resolve" {
+                "finding.resolved"
+            } else {
+                "finding.ignored"
+            },
             subject_type: "finding",
             subject_id: id.to_string(),
             reason: Some(&request.reason),

@@ -57,31 +57,183 @@ use Role::{Admin, Operator, Support};
 
 /// Every admin route.
 pub const ROUTES: &[RouteDoc] = &[
-    route("GET", "/admin/v1/orders", Support, "Find orders by channel and channel order id, buyer email or account", None),
-    route("GET", "/admin/v1/orders/{id}", Support, "An order with its lines, codes (masked), deliveries and timeline", None),
-    route("POST", "/admin/v1/orders/{id}/expiry", Operator, "Change the expiry of every code of an order", Some(r#"{"expires_at":"2031-01-01T00:00:00Z","reason":"goodwill"}"#)),
-    route("GET", "/admin/v1/accounts/{account_id}", Support, "Orders linked to an account and codes assigned to it", None),
-    route("GET", "/admin/v1/codes/{id}", Support, "A code: product, state, origin, expiry, assignment, reissue chain, deliveries, history", None),
-    route("POST", "/admin/v1/codes/lookup", Support, "The same, for a code as a customer typed it", Some(r#"{"code":"0000-0000-0000-0000"}"#)),
-    route("POST", "/admin/v1/codes/{id}/revoke", Operator, "Revoke a code (a redeemed one only with include_redeemed)", Some(r#"{"reason":"fraud","include_redeemed":false}"#)),
-    route("POST", "/admin/v1/codes/{id}/reissue", Operator, "Revoke a code and email a replacement linked to it", Some(r#"{"reason":"lost","email":"new@example.com"}"#)),
-    route("POST", "/admin/v1/codes/{id}/reassign", Operator, "Move a redeemed code to another account or entity", Some(r#"{"reason":"wrong profile","account_id":"acct_2","entity_ref":"child_1"}"#)),
-    route("POST", "/admin/v1/codes/{id}/unassign", Operator, "Return a redeemed code to issued", Some(r#"{"reason":"redeemed by mistake"}"#)),
-    route("POST", "/admin/v1/codes/{id}/expiry", Operator, "Change a code's expiry", Some(r#"{"expires_at":"2031-01-01T00:00:00Z","reason":"goodwill"}"#)),
-    route("POST", "/admin/v1/batches", Operator, "Create codes outside checkout", Some(r#"{"product_sku":"KIT-BASIC","quantity":1,"kind":"customer_service","reason":"replacement kit"}"#)),
-    route("GET", "/admin/v1/batches/{id}", Support, "A batch and its codes (masked)", None),
-    route("POST", "/admin/v1/batches/{id}/export", Operator, "The batch's codes as CSV, once", Some(r#"{"reason":"for partner"}"#)),
-    route("POST", "/admin/v1/deliveries/{id}/resend", Support, "Send a delivery's codes again, optionally to a corrected address", Some(r#"{"reason":"typo","email":"right@example.com"}"#)),
-    route("POST", "/admin/v1/events/retry", Operator, "Queue failed webhook events again", Some(r#"{"reason":"catalogue fixed","error_code":"unknown_product"}"#)),
-    route("GET", "/admin/v1/audit", Support, "The audit log, filtered by subject, actor, action and time; paginated", None),
-    route("GET", "/admin/v1/findings", Support, "Findings for operations, filtered by kind, status or run", None),
-    route("POST", "/admin/v1/findings/{id}/resolve", Operator, "Mark a finding resolved", Some(r#"{"reason":"customer refunded by hand"}"#)),
-    route("POST", "/admin/v1/findings/{id}/ignore", Operator, "Mark a finding ignored", Some(r#"{"reason":"test order"}"#)),
-    route("GET", "/admin/v1/tokens", Admin, "API tokens (names, roles, last use)", None),
-    route("POST", "/admin/v1/tokens", Admin, "Create a token; it is shown once", Some(r#"{"name":"alice","role":"support","reason":"new support agent"}"#)),
-    route("POST", "/admin/v1/tokens/{name}/revoke", Admin, "Revoke a token", Some(r#"{"reason":"left the team"}"#)),
-    route("GET", "/admin/v1/products", Support, "Products and their channel references", None),
-    route("POST", "/admin/v1/products/reload", Admin, "Reload the catalogue file into the database", Some(r#"{"reason":"new price"}"#)),
+    route(
+        "GET",
+        "/admin/v1/orders",
+        Support,
+        "Find orders by channel and channel order id, buyer email or account",
+        None,
+    ),
+    route(
+        "GET",
+        "/admin/v1/orders/{id}",
+        Support,
+        "An order with its lines, codes (masked), deliveries and timeline",
+        None,
+    ),
+    route(
+        "POST",
+        "/admin/v1/orders/{id}/expiry",
+        Operator,
+        "Change the expiry of every code of an order",
+        Some(r#"{"expires_at":"2031-01-01T00:00:00Z","reason":"goodwill"}"#),
+    ),
+    route(
+        "GET",
+        "/admin/v1/accounts/{account_id}",
+        Support,
+        "Orders linked to an account and codes assigned to it",
+        None,
+    ),
+    route(
+        "GET",
+        "/admin/v1/codes/{id}",
+        Support,
+        "A code: product, state, origin, expiry, assignment, reissue chain, deliveries, history",
+        None,
+    ),
+    route(
+        "POST",
+        "/admin/v1/codes/lookup",
+        Support,
+        "The same, for a code as a customer typed it",
+        Some(r#"{"code":"0000-0000-0000-0000"}"#),
+    ),
+    route(
+        "POST",
+        "/admin/v1/codes/{id}/revoke",
+        Operator,
+        "Revoke a code (a redeemed one only with include_redeemed)",
+        Some(r#"{"reason":"fraud","include_redeemed":false}"#),
+    ),
+    route(
+        "POST",
+        "/admin/v1/codes/{id}/reissue",
+        Operator,
+        "Revoke a code and email a replacement linked to it",
+        Some(r#"{"reason":"lost","email":"new@example.com"}"#),
+    ),
+    route(
+        "POST",
+        "/admin/v1/codes/{id}/reassign",
+        Operator,
+        "Move a redeemed code to another account or entity",
+        Some(r#"{"reason":"wrong profile","account_id":"acct_2","entity_ref":"child_1"}"#),
+    ),
+    route(
+        "POST",
+        "/admin/v1/codes/{id}/unassign",
+        Operator,
+        "Return a redeemed code to issued",
+        Some(r#"{"reason":"redeemed by mistake"}"#),
+    ),
+    route(
+        "POST",
+        "/admin/v1/codes/{id}/expiry",
+        Operator,
+        "Change a code's expiry",
+        Some(r#"{"expires_at":"2031-01-01T00:00:00Z","reason":"goodwill"}"#),
+    ),
+    route(
+        "POST",
+        "/admin/v1/batches",
+        Operator,
+        "Create codes outside checkout",
+        Some(
+            r#"{"product_sku":"KIT-BASIC","quantity":1,"kind":"customer_service","reason":"replacement kit"}"#,
+        ),
+    ),
+    route(
+        "GET",
+        "/admin/v1/batches/{id}",
+        Support,
+        "A batch and its codes (masked)",
+        None,
+    ),
+    route(
+        "POST",
+        "/admin/v1/batches/{id}/export",
+        Operator,
+        "The batch's codes as CSV, once",
+        Some(r#"{"reason":"for partner"}"#),
+    ),
+    route(
+        "POST",
+        "/admin/v1/deliveries/{id}/resend",
+        Support,
+        "Send a delivery's codes again, optionally to a corrected address",
+        Some(r#"{"reason":"typo","email":"right@example.com"}"#),
+    ),
+    route(
+        "POST",
+        "/admin/v1/events/retry",
+        Operator,
+        "Queue failed webhook events again",
+        Some(r#"{"reason":"catalogue fixed","error_code":"unknown_product"}"#),
+    ),
+    route(
+        "GET",
+        "/admin/v1/audit",
+        Support,
+        "The audit log, filtered by subject, actor, action and time; paginated",
+        None,
+    ),
+    route(
+        "GET",
+        "/admin/v1/findings",
+        Support,
+        "Findings for operations, filtered by kind, status or run",
+        None,
+    ),
+    route(
+        "POST",
+        "/admin/v1/findings/{id}/resolve",
+        Operator,
+        "Mark a finding resolved",
+        Some(r#"{"reason":"customer refunded by hand"}"#),
+    ),
+    route(
+        "POST",
+        "/admin/v1/findings/{id}/ignore",
+        Operator,
+        "Mark a finding ignored",
+        Some(r#"{"reason":"test order"}"#),
+    ),
+    route(
+        "GET",
+        "/admin/v1/tokens",
+        Admin,
+        "API tokens (names, roles, last use)",
+        None,
+    ),
+    route(
+        "POST",
+        "/admin/v1/tokens",
+        Admin,
+        "Create a token; it is shown once",
+        Some(r#"{"name":"alice","role":"support","reason":"new support agent"}"#),
+    ),
+    route(
+        "POST",
+        "/admin/v1/tokens/{name}/revoke",
+        Admin,
+        "Revoke a token",
+        Some(r#"{"reason":"left the team"}"#),
+    ),
+    route(
+        "GET",
+        "/admin/v1/products",
+        Support,
+        "Products and their channel references",
+        None,
+    ),
+    route(
+        "POST",
+        "/admin/v1/products/reload",
+        Admin,
+        "Reload the catalogue file into the database",
+        Some(r#"{"reason":"new price"}"#),
+    ),
 ];
 
 /// The admin router.
@@ -158,13 +310,15 @@ pub async fn idempotency_finish(
     answer: &Answer,
 ) -> Result<(), ApiError> {
     if let Some(key) = idempotency_key(headers)? {
-        sqlx::query("UPDATE idempotency_key SET status = $3, response = $4 WHERE actor = $1 AND key = $2")
-            .bind(&actor.name)
-            .bind(&key)
-            .bind(i32::from(answer.0.as_u16()))
-            .bind(&answer.1.0)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query(
+            "UPDATE idempotency_key SET status = $3, response = $4 WHERE actor = $1 AND key = $2",
+        )
+        .bind(&actor.name)
+        .bind(&key)
+        .bind(i32::from(answer.0.as_u16()))
+        .bind(&answer.1.0)
+        .execute(&mut *conn)
+        .await?;
     }
     Ok(())
 }
@@ -197,7 +351,11 @@ pub fn require_reason(reason: &str) -> Result<(), ApiError> {
 
 /// 404 with a stable code.
 pub fn not_found(what: &str) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no such {what}"))
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no such {what}"),
+    )
 }
 
 /// 409 with a stable code.

@@ -235,7 +235,9 @@ async fn order_expiry(
     .await?;
     let answer = (
         StatusCode::OK,
-        Json(json!({ "order": id, "codes_changed": changed.len(), "expires_at": request.expires_at })),
+        Json(
+            json!({ "order": id, "codes_changed": changed.len(), "expires_at": request.expires_at }),
+        ),
     );
     idempotency_finish(&mut tx, &actor, &headers, &answer).await?;
     tx.commit().await?;

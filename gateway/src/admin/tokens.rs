@@ -51,14 +51,29 @@ async fn create(
     actor.require(Role::Admin)?;
     require_reason(&request.reason)?;
     if request.name.trim().is_empty() || request.name.len() > 100 {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", "name must be 1 to 100 characters"));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "name must be 1 to 100 characters",
+        ));
     }
-    match token::create(&state.ctx.pool, &request.name, request.role, &actor.name, &request.reason).await {
+    match token::create(
+        &state.ctx.pool,
+        &request.name,
+        request.role,
+        &actor.name,
+        &request.reason,
+    )
+    .await
+    {
         Ok(token) => Ok((
             StatusCode::CREATED,
             Json(json!({ "name": request.name, "role": request.role, "token": token })),
         )),
-        Err(CreateError::NameTaken(name)) => Err(conflict("token_name_taken", format!("an active token is named {name}"))),
+        Err(CreateError::NameTaken(name)) => Err(conflict(
+            "token_name_taken",
+            format!("an active token is named {name}"),
+        )),
         Err(CreateError::Database(e)) => Err(e.into()),
     }
 }
@@ -102,7 +117,10 @@ async fn revoke(
         },
     )
     .await?;
-    let answer = (StatusCode::OK, Json(json!({ "name": name, "revoked": true })));
+    let answer = (
+        StatusCode::OK,
+        Json(json!({ "name": name, "revoked": true })),
+    );
     idempotency_finish(&mut tx, &actor, &headers, &answer).await?;
     tx.commit().await?;
     Ok(answer)
@@ -132,9 +150,16 @@ async fn reload(
     actor.require(Role::Admin)?;
     require_reason(&request.reason)?;
     let catalogue = Catalogue::load(&state.ctx.config.catalogue.file).map_err(|e| {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "catalogue_invalid", format!("{e:#}"))
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "catalogue_invalid",
+            format!("{e:#}"),
+        )
     })?;
-    catalogue.sync(&state.ctx.pool).await.map_err(ApiError::internal)?;
+    catalogue
+        .sync(&state.ctx.pool)
+        .await
+        .map_err(ApiError::internal)?;
     let mut conn = state.ctx.pool.acquire().await?;
     audit::record(
         &mut conn,
@@ -144,11 +169,14 @@ async fn reload(
             subject_type: "catalogue",
             subject_id: state.ctx.config.catalogue.file.display().to_string(),
             reason: Some(&request.reason),
-            data: json!({ "after": { "products": catalogue.product.len() } }),
+            data: json!({ "before": null, "after": { "products": catalogue.product.len() } }),
         },
     )
     .await?;
-    Ok((StatusCode::OK, Json(json!({ "products": catalogue.product.len() }))))
+    Ok((
+        StatusCode::OK,
+        Json(json!({ "products": catalogue.product.len() })),
+    ))
 }
 
 pub fn router() -> Router<AppState> {
