@@ -50,6 +50,37 @@ async fn retry(
     ))
 }
 
+#[derive(Debug, Deserialize)]
+struct Filter {
+    status: Option<String>,
+    channel: Option<String>,
+}
+
+/// Webhook events (without their bodies), newest first: what failed and why.
+async fn list(
+    actor: Actor,
+    State(state): State<AppState>,
+    axum::extract::Query(f): axum::extract::Query<Filter>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    actor.require(Role::Support)?;
+    let events: serde_json::Value = sqlx::query_scalar(
+        "SELECT coalesce(json_agg(json_build_object('id', w.id, 'channel', w.channel,
+                    'event_id', w.event_id, 'event_type', w.event_type, 'status', w.status,
+                    'attempts', w.attempts, 'error_code', w.error_code, 'last_error', w.last_error,
+                    'received_at', w.received_at, 'order_id', w.order_id) ORDER BY w.received_at DESC), '[]')
+         FROM (SELECT * FROM webhook_inbox w
+               WHERE ($1::text IS NULL OR w.status = $1) AND ($2::text IS NULL OR w.channel = $2)
+               ORDER BY w.received_at DESC LIMIT 500) w",
+    )
+    .bind(&f.status)
+    .bind(&f.channel)
+    .fetch_one(&state.ctx.pool)
+    .await?;
+    Ok(Json(json!({ "events": events })))
+}
+
 pub fn router() -> Router<AppState> {
-    Router::new().route("/admin/v1/events/retry", post(retry))
+    Router::new()
+        .route("/admin/v1/events", axum::routing::get(list))
+        .route("/admin/v1/events/retry", post(retry))
 }

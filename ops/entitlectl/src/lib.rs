@@ -51,6 +51,14 @@ pub enum Command {
         #[arg(long)]
         email: Option<String>,
     },
+    /// Webhook events: what failed and why.
+    Events {
+        /// pending, processed, ignored or failed.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        channel: Option<String>,
+    },
     /// Queue failed webhook events again.
     RetryEvents {
         #[arg(long)]
@@ -415,6 +423,12 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
         }
         Command::Resend { delivery_id, reason, email } => {
             api.post(&format!("/admin/v1/deliveries/{delivery_id}/resend"), json!({ "reason": reason, "email": email })).await?
+        }
+        Command::Events { status, channel } => {
+            let events = api.get("/admin/v1/events", &[("status", status.clone()), ("channel", channel.clone())]).await?;
+            return print(out, &cli, &events, |out, v| {
+                rows(out, &v["events"], &["id", "channel", "event_type", "status", "error_code", "last_error", "received_at"])
+            });
         }
         Command::RetryEvents { reason, event, channel, error_code } => {
             api.post("/admin/v1/events/retry", json!({ "reason": reason, "event_id": event, "channel": channel, "error_code": error_code })).await?
