@@ -76,7 +76,7 @@ Entitle is running.
   emails     var/mail/*.eml          (SMTP sink on 127.0.0.1:2525)
   config     $config
 Place an order:   ops/demo-order.sh you@example.com 3
-Admin token:      $bin/entitle-gateway create-token --name you --role admin
+Admin token:      ENTITLE_CONFIG=$config $bin/entitle-gateway create-token --name you --role admin
 Operator CLI:     ENTITLE_TOKEN=<token> $bin/entitlectl order find --email you@example.com
 Stop:             Ctrl-C
 
