@@ -20,10 +20,7 @@ use serde_json::{Value, json};
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{
-    Answer, conflict, idempotency_begin, idempotency_finish, not_found, orders::CODE_JSON,
-    require_reason,
-};
+use super::{Answer, conflict, not_found, orders::CODE_JSON, require_reason};
 use crate::{
     AppState,
     auth::Actor,
@@ -86,28 +83,24 @@ async fn create(
             "email is not an address",
         ));
     }
-    let mut tx = state.ctx.pool.begin().await?;
-    if let Some(stored) = idempotency_begin(
-        &mut tx,
+    let mut action = crate::begin_action!(
+        &state,
         &actor,
         &headers,
+        &request.reason,
         "POST /admin/v1/batches",
-        &request,
-    )
-    .await?
-    {
-        return Ok(stored);
-    }
+        &request
+    );
     let product: Option<Uuid> =
         sqlx::query_scalar("SELECT id FROM product WHERE sku = $1 AND active")
             .bind(&request.product_sku)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut *action.tx)
             .await?;
     let product = product.ok_or_else(|| not_found("active product with that sku"))?;
     if let Some(order_id) = request.order_id {
         let found: Option<Uuid> = sqlx::query_scalar("SELECT id FROM orders WHERE id = $1")
             .bind(order_id)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut *action.tx)
             .await?;
         found.ok_or_else(|| not_found("order"))?;
     }
@@ -124,10 +117,10 @@ async fn create(
     .bind(&request.reason)
     .bind(&request.account_id)
     .bind(request.order_id)
-    .execute(&mut *tx)
+    .execute(&mut *action.tx)
     .await?;
     let codes = issuance::issue_batch_codes(
-        &mut tx,
+        &mut action.tx,
         &state.ctx.keys,
         product,
         batch_id,
@@ -138,7 +131,7 @@ async fn create(
     let delivery = match &request.email {
         Some(email) => {
             issuance::create_delivery(
-                &mut tx,
+                &mut action.tx,
                 &NewDelivery {
                     order_id: request.order_id,
                     kind: "batch_codes",
@@ -154,23 +147,14 @@ async fn create(
         }
         None => None,
     };
-    audit::record(
-        &mut tx,
-        AuditEvent {
-            actor: &actor.name,
-            action: "batch.created",
-            subject_type: "batch",
-            subject_id: batch_id.to_string(),
-            reason: Some(&request.reason),
-            data: json!({
+    action
+        .audit("batch.created", "batch", batch_id.to_string(), json!({
                 "before": null,
                 "after": { "product": request.product_sku, "quantity": request.quantity, "kind": request.kind,
                            "account_id": request.account_id, "order_id": request.order_id,
                            "emailed_to": request.email, "delivery": delivery },
-            }),
-        },
-    )
-    .await?;
+            }))
+        .await?;
     let shown: Vec<Value> = codes
         .iter()
         .take(100)
@@ -184,8 +168,7 @@ async fn create(
                      "export": format!("/admin/v1/batches/{batch_id}/export") }),
         ),
     );
-    idempotency_finish(&mut tx, &actor, &headers, &answer).await?;
-    tx.commit().await?;
+    let answer = action.finish(answer).await?;
     if let Some(delivery) = delivery {
         entitle_jobs::handlers::enqueue_delivery(&state.ctx, delivery, Utc::now()).await;
     }

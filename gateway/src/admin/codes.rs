@@ -10,7 +10,6 @@ use axum::{
 };
 use chrono::{DateTime, Utc};
 use entitle_jobs::{
-    audit::{self, AuditEvent},
     code::Code,
     issuance::{self, CodeSelection, NewDelivery},
     token::Role,
@@ -21,9 +20,8 @@ use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use super::{
-    Answer, conflict, idempotency_begin, idempotency_finish, not_found,
+    Answer, conflict, not_found,
     orders::{CODE_JSON, DELIVERY_JSON, EVENT_JSON, ExpiryRequest},
-    require_reason,
 };
 use crate::{
     AppState,
@@ -207,44 +205,36 @@ async fn revoke(
     ApiJson(request): ApiJson<RevokeRequest>,
 ) -> Result<Answer, ApiError> {
     actor.require(Role::Operator)?;
-    require_reason(&request.reason)?;
-    let mut tx = state.ctx.pool.begin().await?;
     let path = format!("POST /admin/v1/codes/{id}/revoke");
-    if let Some(stored) = idempotency_begin(&mut tx, &actor, &headers, &path, &request).await? {
-        return Ok(stored);
-    }
-    let code = lock(&mut tx, id).await?;
+    let mut action =
+        crate::begin_action!(&state, &actor, &headers, &request.reason, &path, &request);
+    let code = lock(&mut action.tx, id).await?;
     let allowed = code.state == "issued" || (code.state == "redeemed" && request.include_redeemed);
     if !allowed {
         return Err(state_conflict(&code.state));
     }
     sqlx::query("UPDATE activation_code SET state = 'revoked', revoked_at = now() WHERE id = $1")
         .bind(id)
-        .execute(&mut *tx)
+        .execute(&mut *action.tx)
         .await?;
-    let assignment = end_assignment(&mut tx, id, "revoked").await?;
-    audit::record(
-        &mut tx,
-        AuditEvent {
-            actor: &actor.name,
-            action: "code.revoked",
-            subject_type: "code",
-            subject_id: id.to_string(),
-            reason: Some(&request.reason),
-            data: json!({
+    let assignment = end_assignment(&mut action.tx, id, "revoked").await?;
+    action
+        .audit(
+            "code.revoked",
+            "code",
+            id.to_string(),
+            json!({
                 "last4": code.last4,
                 "before": { "state": code.state, "assignment": assignment },
                 "after": { "state": "revoked" },
             }),
-        },
-    )
-    .await?;
+        )
+        .await?;
     let answer = (
         StatusCode::OK,
         Json(json!({ "id": id, "last4": code.last4, "state": "revoked" })),
     );
-    idempotency_finish(&mut tx, &actor, &headers, &answer).await?;
-    tx.commit().await?;
+    let answer = action.finish(answer).await?;
     Ok(answer)
 }
 
@@ -264,13 +254,10 @@ async fn reissue(
     ApiJson(request): ApiJson<ReissueRequest>,
 ) -> Result<Answer, ApiError> {
     actor.require(Role::Operator)?;
-    require_reason(&request.reason)?;
-    let mut tx = state.ctx.pool.begin().await?;
     let path = format!("POST /admin/v1/codes/{id}/reissue");
-    if let Some(stored) = idempotency_begin(&mut tx, &actor, &headers, &path, &request).await? {
-        return Ok(stored);
-    }
-    let code = lock(&mut tx, id).await?;
+    let mut action =
+        crate::begin_action!(&state, &actor, &headers, &request.reason, &path, &request);
+    let code = lock(&mut action.tx, id).await?;
     if code.state == "redeemed" {
         return Err(state_conflict("redeemed"));
     }
@@ -297,7 +284,7 @@ async fn reissue(
             "UPDATE activation_code SET state = 'revoked', revoked_at = now() WHERE id = $1",
         )
         .bind(id)
-        .execute(&mut *tx)
+        .execute(&mut *action.tx)
         .await?;
     }
     let batch_id = Uuid::now_v7();
@@ -311,10 +298,10 @@ async fn reissue(
     .bind(&request.reason)
     .bind(&code.account_id)
     .bind(code.order_id)
-    .execute(&mut *tx)
+    .execute(&mut *action.tx)
     .await?;
     let issued = issuance::issue_batch_codes(
-        &mut tx,
+        &mut action.tx,
         &state.ctx.keys,
         code.product_id,
         batch_id,
@@ -329,7 +316,7 @@ async fn reissue(
         code.holder_name.as_deref()
     };
     let delivery = issuance::create_delivery(
-        &mut tx,
+        &mut action.tx,
         &NewDelivery {
             order_id: code.order_id,
             kind: "reissue",
@@ -343,23 +330,14 @@ async fn reissue(
     )
     .await?
     .ok_or_else(|| ApiError::internal("the replacement's delivery was not created"))?;
-    audit::record(
-        &mut tx,
-        AuditEvent {
-            actor: &actor.name,
-            action: "code.reissued",
-            subject_type: "code",
-            subject_id: id.to_string(),
-            reason: Some(&request.reason),
-            data: json!({
+    action
+        .audit("code.reissued", "code", id.to_string(), json!({
                 "last4": code.last4,
                 "before": { "state": code.state },
                 "after": { "state": "revoked", "replacement": new_id, "replacement_last4": new_last4,
                            "delivery": delivery, "recipient": recipient },
-            }),
-        },
-    )
-    .await?;
+            }))
+        .await?;
     let answer = (
         StatusCode::CREATED,
         Json(
@@ -367,8 +345,7 @@ async fn reissue(
                      "delivery": delivery, "recipient": recipient }),
         ),
     );
-    idempotency_finish(&mut tx, &actor, &headers, &answer).await?;
-    tx.commit().await?;
+    let answer = action.finish(answer).await?;
     entitle_jobs::handlers::enqueue_delivery(&state.ctx, delivery, Utc::now()).await;
     Ok(answer)
 }
@@ -389,7 +366,6 @@ async fn reassign(
     ApiJson(request): ApiJson<ReassignRequest>,
 ) -> Result<Answer, ApiError> {
     actor.require(Role::Operator)?;
-    require_reason(&request.reason)?;
     if request.account_id.trim().is_empty() || request.entity_ref.trim().is_empty() {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -397,19 +373,17 @@ async fn reassign(
             "account_id and entity_ref are needed",
         ));
     }
-    let mut tx = state.ctx.pool.begin().await?;
     let path = format!("POST /admin/v1/codes/{id}/reassign");
-    if let Some(stored) = idempotency_begin(&mut tx, &actor, &headers, &path, &request).await? {
-        return Ok(stored);
-    }
-    let code = lock(&mut tx, id).await?;
+    let mut action =
+        crate::begin_action!(&state, &actor, &headers, &request.reason, &path, &request);
+    let code = lock(&mut action.tx, id).await?;
     if code.state != "redeemed" {
         return Err(conflict(
             "code_not_redeemed",
             "only a redeemed code can be reassigned",
         ));
     }
-    let before = end_assignment(&mut tx, id, "reassigned").await?;
+    let before = end_assignment(&mut action.tx, id, "reassigned").await?;
     let assignment = Uuid::now_v7();
     sqlx::query(
         "INSERT INTO assignment (id, code_id, account_id, entity_ref, assigned_by) VALUES ($1, $2, $3, $4, $5)",
@@ -419,27 +393,22 @@ async fn reassign(
     .bind(&request.account_id)
     .bind(&request.entity_ref)
     .bind(&actor.name)
-    .execute(&mut *tx)
+    .execute(&mut *action.tx)
     .await?;
     let after = json!({ "account_id": request.account_id, "entity_ref": request.entity_ref });
-    audit::record(
-        &mut tx,
-        AuditEvent {
-            actor: &actor.name,
-            action: "code.reassigned",
-            subject_type: "code",
-            subject_id: id.to_string(),
-            reason: Some(&request.reason),
-            data: json!({ "last4": code.last4, "before": before, "after": after }),
-        },
-    )
-    .await?;
+    action
+        .audit(
+            "code.reassigned",
+            "code",
+            id.to_string(),
+            json!({ "last4": code.last4, "before": before, "after": after }),
+        )
+        .await?;
     let answer = (
         StatusCode::OK,
         Json(json!({ "id": id, "state": "redeemed", "assignment": after })),
     );
-    idempotency_finish(&mut tx, &actor, &headers, &answer).await?;
-    tx.commit().await?;
+    let answer = action.finish(answer).await?;
     Ok(answer)
 }
 
@@ -457,43 +426,35 @@ async fn unassign(
     ApiJson(request): ApiJson<ReasonOnly>,
 ) -> Result<Answer, ApiError> {
     actor.require(Role::Operator)?;
-    require_reason(&request.reason)?;
-    let mut tx = state.ctx.pool.begin().await?;
     let path = format!("POST /admin/v1/codes/{id}/unassign");
-    if let Some(stored) = idempotency_begin(&mut tx, &actor, &headers, &path, &request).await? {
-        return Ok(stored);
-    }
-    let code = lock(&mut tx, id).await?;
+    let mut action =
+        crate::begin_action!(&state, &actor, &headers, &request.reason, &path, &request);
+    let code = lock(&mut action.tx, id).await?;
     if code.state != "redeemed" {
         return Err(conflict(
             "code_not_redeemed",
             "only a redeemed code can be unassigned",
         ));
     }
-    let before = end_assignment(&mut tx, id, "unassigned").await?;
+    let before = end_assignment(&mut action.tx, id, "unassigned").await?;
     sqlx::query("UPDATE activation_code SET state = 'issued', redeemed_at = NULL WHERE id = $1")
         .bind(id)
-        .execute(&mut *tx)
+        .execute(&mut *action.tx)
         .await?;
-    audit::record(
-        &mut tx,
-        AuditEvent {
-            actor: &actor.name,
-            action: "code.unassigned",
-            subject_type: "code",
-            subject_id: id.to_string(),
-            reason: Some(&request.reason),
-            data: json!({
+    action
+        .audit(
+            "code.unassigned",
+            "code",
+            id.to_string(),
+            json!({
                 "last4": code.last4,
                 "before": { "state": "redeemed", "assignment": before },
                 "after": { "state": "issued" },
             }),
-        },
-    )
-    .await?;
+        )
+        .await?;
     let answer = (StatusCode::OK, Json(json!({ "id": id, "state": "issued" })));
-    idempotency_finish(&mut tx, &actor, &headers, &answer).await?;
-    tx.commit().await?;
+    let answer = action.finish(answer).await?;
     Ok(answer)
 }
 
@@ -505,20 +466,17 @@ async fn expiry(
     ApiJson(request): ApiJson<ExpiryRequest>,
 ) -> Result<Answer, ApiError> {
     actor.require(Role::Operator)?;
-    require_reason(&request.reason)?;
-    let mut tx = state.ctx.pool.begin().await?;
     let path = format!("POST /admin/v1/codes/{id}/expiry");
-    if let Some(stored) = idempotency_begin(&mut tx, &actor, &headers, &path, &request).await? {
-        return Ok(stored);
-    }
-    let code = lock(&mut tx, id).await?;
+    let mut action =
+        crate::begin_action!(&state, &actor, &headers, &request.reason, &path, &request);
+    let code = lock(&mut action.tx, id).await?;
     if code.state == "revoked" {
         return Err(state_conflict("revoked"));
     }
     let before: DateTime<Utc> =
         sqlx::query_scalar("SELECT expires_at FROM activation_code WHERE id = $1")
             .bind(id)
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut *action.tx)
             .await?;
     // Extending an expired code brings it back.
     let state_after: String = sqlx::query_scalar(
@@ -529,30 +487,25 @@ async fn expiry(
     )
     .bind(id)
     .bind(request.expires_at)
-    .fetch_one(&mut *tx)
+    .fetch_one(&mut *action.tx)
     .await?;
-    audit::record(
-        &mut tx,
-        AuditEvent {
-            actor: &actor.name,
-            action: "code.expiry_changed",
-            subject_type: "code",
-            subject_id: id.to_string(),
-            reason: Some(&request.reason),
-            data: json!({
+    action
+        .audit(
+            "code.expiry_changed",
+            "code",
+            id.to_string(),
+            json!({
                 "last4": code.last4,
                 "before": { "expires_at": before, "state": code.state },
                 "after": { "expires_at": request.expires_at, "state": state_after },
             }),
-        },
-    )
-    .await?;
+        )
+        .await?;
     let answer = (
         StatusCode::OK,
         Json(json!({ "id": id, "expires_at": request.expires_at, "state": state_after })),
     );
-    idempotency_finish(&mut tx, &actor, &headers, &answer).await?;
-    tx.commit().await?;
+    let answer = action.finish(answer).await?;
     Ok(answer)
 }
 

@@ -9,7 +9,6 @@ use axum::{
 };
 use chrono::Utc;
 use entitle_jobs::{
-    audit::{self, AuditEvent},
     issuance::{self, CodeSelection, NewDelivery},
     token::Role,
 };
@@ -17,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::{Answer, conflict, idempotency_begin, idempotency_finish, not_found, require_reason};
+use super::{Answer, conflict, not_found};
 use crate::{
     AppState,
     auth::Actor,
@@ -39,7 +38,6 @@ async fn resend(
     ApiJson(request): ApiJson<ResendRequest>,
 ) -> Result<Answer, ApiError> {
     actor.require(Role::Support)?;
-    require_reason(&request.reason)?;
     if let Some(email) = &request.email
         && email.parse::<lettre::Address>().is_err()
     {
@@ -49,16 +47,14 @@ async fn resend(
             "email is not an address",
         ));
     }
-    let mut tx = state.ctx.pool.begin().await?;
     let path = format!("POST /admin/v1/deliveries/{id}/resend");
-    if let Some(stored) = idempotency_begin(&mut tx, &actor, &headers, &path, &request).await? {
-        return Ok(stored);
-    }
+    let mut action =
+        crate::begin_action!(&state, &actor, &headers, &request.reason, &path, &request);
     let original: Option<(Option<Uuid>, String, Option<String>)> = sqlx::query_as(
         "SELECT order_id, recipient_email, recipient_name FROM email_delivery WHERE id = $1",
     )
     .bind(id)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut *action.tx)
     .await?;
     let (order_id, original_to, original_name) = original.ok_or_else(|| not_found("delivery"))?;
     let codes: Vec<Uuid> = sqlx::query_scalar(
@@ -66,7 +62,7 @@ async fn resend(
          WHERE dc.delivery_id = $1 AND c.state = 'issued' ORDER BY dc.position",
     )
     .bind(id)
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut *action.tx)
     .await?;
     if codes.is_empty() {
         return Err(conflict(
@@ -81,7 +77,7 @@ async fn resend(
         original_name.as_deref()
     };
     let delivery = issuance::create_delivery(
-        &mut tx,
+        &mut action.tx,
         &NewDelivery {
             order_id,
             kind: "resend",
@@ -95,30 +91,25 @@ async fn resend(
     )
     .await?
     .ok_or_else(|| ApiError::internal("the resend delivery was not created"))?;
-    audit::record(
-        &mut tx,
-        AuditEvent {
-            actor: &actor.name,
-            action: "delivery.resent",
-            subject_type: "delivery",
-            subject_id: id.to_string(),
-            reason: Some(&request.reason),
-            data: json!({
+    action
+        .audit(
+            "delivery.resent",
+            "delivery",
+            id.to_string(),
+            json!({
                 "order": order_id,
                 "before": { "recipient": original_to },
                 "after": { "recipient": recipient, "delivery": delivery, "codes": codes.len() },
             }),
-        },
-    )
-    .await?;
+        )
+        .await?;
     let answer = (
         StatusCode::CREATED,
         Json(
             json!({ "delivery": delivery, "resends": id, "recipient": recipient, "codes": codes.len() }),
         ),
     );
-    idempotency_finish(&mut tx, &actor, &headers, &answer).await?;
-    tx.commit().await?;
+    let answer = action.finish(answer).await?;
     entitle_jobs::handlers::enqueue_delivery(&state.ctx, delivery, Utc::now()).await;
     Ok(answer)
 }

@@ -6,15 +6,12 @@ use axum::{
     http::{HeaderMap, StatusCode},
     routing::{get, post},
 };
-use entitle_jobs::{
-    audit::{self, AuditEvent},
-    token::Role,
-};
+use entitle_jobs::token::Role;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::{Answer, conflict, idempotency_begin, idempotency_finish, not_found, require_reason};
+use super::{Answer, conflict, not_found};
 use crate::{
     AppState,
     auth::Actor,
@@ -69,16 +66,13 @@ async fn decide(
     to: &'static str,
 ) -> Result<Answer, ApiError> {
     actor.require(Role::Operator)?;
-    require_reason(&request.reason)?;
-    let mut tx = state.ctx.pool.begin().await?;
     let path = format!("POST /admin/v1/findings/{id}/{to}");
-    if let Some(stored) = idempotency_begin(&mut tx, &actor, &headers, &path, &request).await? {
-        return Ok(stored);
-    }
+    let mut action =
+        crate::begin_action!(&state, &actor, &headers, &request.reason, &path, &request);
     let status: Option<String> =
         sqlx::query_scalar("SELECT status FROM reconciliation_finding WHERE id = $1 FOR UPDATE")
             .bind(id)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut *action.tx)
             .await?;
     let status = status.ok_or_else(|| not_found("finding"))?;
     if status != "open" {
@@ -100,27 +94,22 @@ async fn decide(
     .bind(after)
     .bind(&actor.name)
     .bind(&request.reason)
-    .execute(&mut *tx)
+    .execute(&mut *action.tx)
     .await?;
-    audit::record(
-        &mut tx,
-        AuditEvent {
-            actor: &actor.name,
-            action: if to == "resolve" {
+    action
+        .audit(
+            if to == "resolve" {
                 "finding.resolved"
             } else {
                 "finding.ignored"
             },
-            subject_type: "finding",
-            subject_id: id.to_string(),
-            reason: Some(&request.reason),
-            data: json!({ "before": { "status": "open" }, "after": { "status": after } }),
-        },
-    )
-    .await?;
+            "finding",
+            id.to_string(),
+            json!({ "before": { "status": "open" }, "after": { "status": after } }),
+        )
+        .await?;
     let answer = (StatusCode::OK, Json(json!({ "id": id, "status": after })));
-    idempotency_finish(&mut tx, &actor, &headers, &answer).await?;
-    tx.commit().await?;
+    let answer = action.finish(answer).await?;
     Ok(answer)
 }
 

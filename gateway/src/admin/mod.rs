@@ -337,6 +337,88 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     }
 }
 
+/// An admin action in progress: its transaction, who acts, why, and the
+/// request's idempotency key. Its one audit event and its stored answer are
+/// written in the same transaction as the change.
+pub struct Action<'a> {
+    pub tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    actor: &'a Actor,
+    headers: &'a HeaderMap,
+    reason: &'a str,
+}
+
+/// A started action, or the answer an earlier request with the same
+/// `Idempotency-Key` got.
+pub enum Begun<'a> {
+    Fresh(Action<'a>),
+    Replayed(Answer),
+}
+
+impl<'a> Action<'a> {
+    /// Checks the reason and opens the action's transaction.
+    pub async fn begin(
+        state: &AppState,
+        actor: &'a Actor,
+        headers: &'a HeaderMap,
+        reason: &'a str,
+        request: &str,
+        body: &impl Serialize,
+    ) -> Result<Begun<'a>, ApiError> {
+        require_reason(reason)?;
+        let mut tx = state.ctx.pool.begin().await?;
+        if let Some(stored) = idempotency_begin(&mut tx, actor, headers, request, body).await? {
+            return Ok(Begun::Replayed(stored));
+        }
+        Ok(Begun::Fresh(Action {
+            tx,
+            actor,
+            headers,
+            reason,
+        }))
+    }
+
+    /// Writes the action's audit event.
+    pub async fn audit(
+        &mut self,
+        action: &str,
+        subject_type: &str,
+        subject_id: String,
+        data: Value,
+    ) -> Result<(), ApiError> {
+        entitle_jobs::audit::record(
+            &mut self.tx,
+            entitle_jobs::audit::AuditEvent {
+                actor: &self.actor.name,
+                action,
+                subject_type,
+                subject_id,
+                reason: Some(self.reason),
+                data,
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Stores the answer under the idempotency key and commits.
+    pub async fn finish(mut self, answer: Answer) -> Result<Answer, ApiError> {
+        idempotency_finish(&mut self.tx, self.actor, self.headers, &answer).await?;
+        self.tx.commit().await?;
+        Ok(answer)
+    }
+}
+
+/// Starts an [`Action`], or returns the replayed answer from the handler.
+#[macro_export]
+macro_rules! begin_action {
+    ($state:expr, $actor:expr, $headers:expr, $reason:expr, $path:expr, $body:expr) => {
+        match $crate::admin::Action::begin($state, $actor, $headers, $reason, $path, $body).await? {
+            $crate::admin::Begun::Fresh(action) => action,
+            $crate::admin::Begun::Replayed(answer) => return Ok(answer),
+        }
+    };
+}
+
 /// Every action takes a reason; it goes into the audit event.
 pub fn require_reason(reason: &str) -> Result<(), ApiError> {
     if reason.trim().is_empty() || reason.len() > 1000 {

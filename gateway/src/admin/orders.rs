@@ -8,15 +8,12 @@ use axum::{
     routing::{get, post},
 };
 use chrono::{DateTime, Utc};
-use entitle_jobs::{
-    audit::{self, AuditEvent},
-    token::Role,
-};
+use entitle_jobs::token::Role;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::{Answer, idempotency_begin, idempotency_finish, not_found, require_reason};
+use super::{Answer, not_found};
 use crate::{
     AppState,
     auth::Actor,
@@ -193,15 +190,12 @@ async fn order_expiry(
     ApiJson(request): ApiJson<ExpiryRequest>,
 ) -> Result<Answer, ApiError> {
     actor.require(Role::Operator)?;
-    require_reason(&request.reason)?;
-    let mut tx = state.ctx.pool.begin().await?;
     let path = format!("POST /admin/v1/orders/{id}/expiry");
-    if let Some(stored) = idempotency_begin(&mut tx, &actor, &headers, &path, &request).await? {
-        return Ok(stored);
-    }
+    let mut action =
+        crate::begin_action!(&state, &actor, &headers, &request.reason, &path, &request);
     let exists: Option<Uuid> = sqlx::query_scalar("SELECT id FROM orders WHERE id = $1 FOR UPDATE")
         .bind(id)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut *action.tx)
         .await?;
     exists.ok_or_else(|| not_found("order"))?;
     let changed: Vec<(Uuid, DateTime<Utc>, String)> = sqlx::query_as(
@@ -216,31 +210,21 @@ async fn order_expiry(
     )
     .bind(id)
     .bind(request.expires_at)
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut *action.tx)
     .await?;
-    audit::record(
-        &mut tx,
-        AuditEvent {
-            actor: &actor.name,
-            action: "order.expiry_changed",
-            subject_type: "order",
-            subject_id: id.to_string(),
-            reason: Some(&request.reason),
-            data: json!({
+    action
+        .audit("order.expiry_changed", "order", id.to_string(), json!({
                 "before": changed.iter().map(|(c, e, s)| json!({ "code": c, "expires_at": e, "state": s })).collect::<Vec<_>>(),
                 "after": { "expires_at": request.expires_at, "codes": changed.len() },
-            }),
-        },
-    )
-    .await?;
+            }))
+        .await?;
     let answer = (
         StatusCode::OK,
         Json(
             json!({ "order": id, "codes_changed": changed.len(), "expires_at": request.expires_at }),
         ),
     );
-    idempotency_finish(&mut tx, &actor, &headers, &answer).await?;
-    tx.commit().await?;
+    let answer = action.finish(answer).await?;
     Ok(answer)
 }
 

@@ -14,7 +14,7 @@ use entitle_jobs::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{Answer, conflict, idempotency_begin, idempotency_finish, not_found, require_reason};
+use super::{Answer, conflict, not_found, require_reason};
 use crate::{
     AppState,
     auth::Actor,
@@ -49,7 +49,6 @@ async fn create(
     ApiJson(request): ApiJson<CreateRequest>,
 ) -> Result<Answer, ApiError> {
     actor.require(Role::Admin)?;
-    require_reason(&request.reason)?;
     if request.name.trim().is_empty() || request.name.len() > 100 {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -93,36 +92,29 @@ async fn revoke(
 ) -> Result<Answer, ApiError> {
     actor.require(Role::Admin)?;
     require_reason(&request.reason)?;
-    let mut tx = state.ctx.pool.begin().await?;
     let path = format!("POST /admin/v1/tokens/{name}/revoke");
-    if let Some(stored) = idempotency_begin(&mut tx, &actor, &headers, &path, &request).await? {
-        return Ok(stored);
-    }
+    let mut action =
+        crate::begin_action!(&state, &actor, &headers, &request.reason, &path, &request);
     let role: Option<String> = sqlx::query_scalar(
         "UPDATE api_token SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL RETURNING role",
     )
     .bind(&name)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut *action.tx)
     .await?;
     let role = role.ok_or_else(|| not_found("active token with that name"))?;
-    audit::record(
-        &mut tx,
-        AuditEvent {
-            actor: &actor.name,
-            action: "token.revoked",
-            subject_type: "token",
-            subject_id: name.clone(),
-            reason: Some(&request.reason),
-            data: json!({ "before": { "role": role, "active": true }, "after": { "active": false } }),
-        },
-    )
-    .await?;
+    action
+        .audit(
+            "token.revoked",
+            "token",
+            name.clone(),
+            json!({ "before": { "role": role, "active": true }, "after": { "active": false } }),
+        )
+        .await?;
     let answer = (
         StatusCode::OK,
         Json(json!({ "name": name, "revoked": true })),
     );
-    idempotency_finish(&mut tx, &actor, &headers, &answer).await?;
-    tx.commit().await?;
+    let answer = action.finish(answer).await?;
     Ok(answer)
 }
 
