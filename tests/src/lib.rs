@@ -245,10 +245,8 @@ impl TestApp {
         self.extra_workers.lock().unwrap().push(extra);
     }
 
-    /// Deletes every Redis key of this app: its queues, schedules and
-    /// worker registrations, as a flush or a Redis restart without
-    /// persistence would.
-    pub async fn flush_redis(&self) {
+    /// A Redis connection and every key under this app's namespace.
+    async fn redis_keys(&self) -> (redis::aio::MultiplexedConnection, Vec<String>) {
         let client = redis::Client::open(redis_url()).expect("REDIS_URL is a URL");
         let mut conn = client
             .get_multiplexed_async_connection()
@@ -259,6 +257,14 @@ impl TestApp {
             .query_async(&mut conn)
             .await
             .expect("KEYS answers");
+        (conn, keys)
+    }
+
+    /// Deletes every Redis key of this app: its queues, schedules and
+    /// worker registrations, as a flush or a Redis restart without
+    /// persistence would.
+    pub async fn flush_redis(&self) {
+        let (mut conn, keys) = self.redis_keys().await;
         if !keys.is_empty() {
             let _: () = redis::cmd("DEL")
                 .arg(keys)
@@ -361,16 +367,7 @@ impl TestApp {
     /// Every value stored under this app's Redis namespace, as text: what a
     /// job payload or queue entry could have leaked.
     pub async fn redis_contents(&self) -> String {
-        let client = redis::Client::open(redis_url()).expect("REDIS_URL is a URL");
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("Redis is reachable");
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("*{}*", self.namespace))
-            .query_async(&mut conn)
-            .await
-            .expect("KEYS answers");
+        let (mut conn, keys) = self.redis_keys().await;
         let mut out = String::new();
         for key in keys {
             let kind: String = redis::cmd("TYPE")
