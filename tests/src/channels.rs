@@ -438,8 +438,9 @@ impl Channel {
                 })
             })
             .collect();
+        // Shopify's refund id is numeric: derive one from the test's refund id.
         let body = json!({
-            "id": format!("{}", 90000 + refund_id.len()),
+            "id": Sale::new(refund_id, "", &[]).shopify_id(),
             "order_id": sale.shopify_id(),
             "created_at": Utc::now().to_rfc3339(),
             "note": "test refund",
@@ -447,9 +448,6 @@ impl Channel {
             "refund_line_items": refund_lines,
             "transactions": [{ "kind": "refund", "status": "success", "gateway": "bogus" }],
         });
-        // Shopify's refund id is numeric; derive one per test refund id.
-        let mut body = body;
-        body["id"] = json!(Sale::new(refund_id, "", &[]).shopify_id());
         self.post(
             app,
             &format!("wh_{refund_id}"),
