@@ -38,6 +38,8 @@ pub struct ScheduleConfig {
     pub requeue: String,
     pub expire: String,
     pub prune: String,
+    pub remind: String,
+    pub remind_days_before: u32,
     pub requeue_after_secs: u64,
     pub batch_size: u32,
     pub retention_days: u32,
@@ -227,6 +229,7 @@ impl Config {
             ("schedule.requeue", &self.schedule.requeue),
             ("schedule.expire", &self.schedule.expire),
             ("schedule.prune", &self.schedule.prune),
+            ("schedule.remind", &self.schedule.remind),
         ] {
             cron.parse::<cron::Schedule>().map_err(|e| {
                 invalid(

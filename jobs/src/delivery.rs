@@ -250,6 +250,7 @@ async fn build_letter(
     let (template, attachment) = match delivery.kind {
         "gift_receipt" => ("receipt", None),
         "revocation" => ("revoked", None),
+        "expiry_reminder" => ("reminder", None),
         _ if codes.len() > bulk_threshold => ("bulk", Some(csv(&codes))),
         "gift_codes" => ("gift", None),
         _ => ("codes", None),

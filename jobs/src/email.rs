@@ -76,6 +76,18 @@ const BUILT_IN: &[(&str, &str)] = &[
         "default/revoked.html",
         include_str!("../../ops/templates/default/revoked.html"),
     ),
+    (
+        "default/reminder.subject.txt",
+        include_str!("../../ops/templates/default/reminder.subject.txt"),
+    ),
+    (
+        "default/reminder.txt",
+        include_str!("../../ops/templates/default/reminder.txt"),
+    ),
+    (
+        "default/reminder.html",
+        include_str!("../../ops/templates/default/reminder.html"),
+    ),
 ];
 
 /// One code as an email shows it.

@@ -167,3 +167,69 @@ pub async fn prune(pool: &PgPool, days: u32, batch: i64) -> Result<Value, JobErr
     }
     Ok(json!({ "bodies_pruned": total }))
 }
+
+/// Emails each holder the unredeemed codes of their orders that expire within
+/// `days`, once per code, `batch` codes per transaction. Returns deliveries
+/// to enqueue.
+pub async fn remind(
+    pool: &PgPool,
+    message_id_domain: &str,
+    days: u32,
+    batch: i64,
+) -> Result<(Value, Vec<Uuid>), JobError> {
+    let mut deliveries = Vec::new();
+    let mut codes = 0usize;
+    loop {
+        let mut tx = pool.begin().await?;
+        let due: Vec<(Uuid, Uuid, String, Option<String>)> = sqlx::query_as(
+            "WITH due AS (
+                 SELECT c.id FROM activation_code c
+                 WHERE c.state = 'issued' AND c.reminded_at IS NULL AND c.order_line_id IS NOT NULL
+                   AND c.expires_at > now() AND c.expires_at <= now() + make_interval(days => $1)
+                 ORDER BY c.expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+             UPDATE activation_code c SET reminded_at = now()
+             FROM due, order_line l, orders o
+             WHERE c.id = due.id AND l.id = c.order_line_id AND o.id = l.order_id
+             RETURNING c.id, o.id, coalesce(o.gift_recipient_email, o.buyer_email),
+                       coalesce(o.gift_recipient_name, o.buyer_name)",
+        )
+        .bind(days as i32)
+        .bind(batch)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut by_order: std::collections::BTreeMap<Uuid, (String, Option<String>, Vec<Uuid>)> =
+            std::collections::BTreeMap::new();
+        for (code, order, holder, name) in &due {
+            by_order
+                .entry(*order)
+                .or_insert_with(|| (holder.clone(), name.clone(), Vec::new()))
+                .2
+                .push(*code);
+        }
+        for (order, (holder, name, order_codes)) in by_order {
+            let delivery = crate::issuance::NewDelivery {
+                order_id: Some(order),
+                kind: "expiry_reminder",
+                recipient: &holder,
+                recipient_name: name.as_deref(),
+                send_after: Utc::now(),
+                codes: crate::issuance::CodeSelection::These(order_codes),
+                requested_by: None,
+            };
+            if let Some(id) =
+                crate::issuance::create_delivery(&mut tx, &delivery, message_id_domain).await?
+            {
+                deliveries.push(id);
+            }
+        }
+        tx.commit().await?;
+        codes += due.len();
+        if (due.len() as i64) < batch {
+            break;
+        }
+    }
+    Ok((
+        json!({ "codes_reminded": codes, "emails": deliveries.len() }),
+        deliveries,
+    ))
+}

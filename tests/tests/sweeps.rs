@@ -264,3 +264,64 @@ async fn an_idle_worker_picks_up_each_new_order_without_waiting_for_a_heartbeat(
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn holders_are_reminded_once_of_codes_about_to_expire() {
+    let app = TestApp::spawn_configured(
+        Options::default(),
+        json!({ "schedule": { "remind": EVERY_SECOND, "remind_days_before": 7 } }),
+    )
+    .await;
+    let mut sale = Sale::new("remind", "rem@example.com", &[(Product::Kit, 3)]);
+    sale.gift = Some(entitle_tests::channels::GiftSpec {
+        recipient_email: "holder@example.com".into(),
+        recipient_name: "Holder".into(),
+        message: "for you".into(),
+        send_at: None,
+    });
+    assert_eq!(Channel::Native.purchase(&app, &sale).await.status(), 200);
+    let codes = app
+        .mails(2)
+        .await
+        .iter()
+        .find(|m| m.to == vec!["holder@example.com".to_owned()])
+        .unwrap()
+        .codes();
+    app.redeem(&codes[2], "acct_h", "me").await;
+    // One code expires in two days, one in a year; one is already redeemed.
+    sqlx::query("UPDATE activation_code SET expires_at = now() + interval '2 days' WHERE unit_index IN (0, 2)")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+
+    let mails = app.mails(3).await;
+    let reminder = mails
+        .iter()
+        .find(|m| m.subject().contains("expires soon"))
+        .expect("a reminder");
+    assert_eq!(
+        reminder.to,
+        vec!["holder@example.com".to_owned()],
+        "the gift's holder is reminded"
+    );
+    assert_eq!(
+        reminder.codes(),
+        vec![codes[0].clone()],
+        "only the unredeemed code about to expire"
+    );
+    let runs_now = app
+        .count("SELECT count(*) FROM sweep_run WHERE job = 'remind'")
+        .await;
+    eventually(
+        "three more reminder sweeps",
+        Duration::from_secs(10),
+        || async {
+            (app.count("SELECT count(*) FROM sweep_run WHERE job = 'remind'")
+                .await
+                >= runs_now + 3)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(app.mailbox().messages().len(), 3, "reminded once");
+}

@@ -88,6 +88,24 @@ async fn sweep_tick(
             .await
         }
         "expire" => sweep::expire(&ctx.pool, batch).await,
+        "remind" => {
+            let reminded = sweep::remind(
+                &ctx.pool,
+                &ctx.config.email.message_id_domain,
+                schedule.remind_days_before,
+                batch,
+            )
+            .await;
+            match reminded {
+                Ok((summary, deliveries)) => {
+                    for delivery in deliveries {
+                        handlers::enqueue_delivery(&ctx, delivery, chrono::Utc::now()).await;
+                    }
+                    Ok(summary)
+                }
+                Err(e) => Err(e),
+            }
+        }
         _ => sweep::prune(&ctx.pool, schedule.retention_days, batch).await,
     };
     let summary = match &outcome {
@@ -159,11 +177,15 @@ pub async fn run(
         })
         .shutdown_timeout(Duration::from_secs(30));
     let mut monitor = monitor;
-    for (job, cron) in [
+    let mut sweeps = vec![
         ("requeue", &ctx.config.schedule.requeue),
         ("expire", &ctx.config.schedule.expire),
         ("prune", &ctx.config.schedule.prune),
-    ] {
+    ];
+    if ctx.config.schedule.remind_days_before > 0 {
+        sweeps.push(("remind", &ctx.config.schedule.remind));
+    }
+    for (job, cron) in sweeps {
         let schedule: cron::Schedule = cron.parse()?;
         let sweep_ctx = ctx.clone();
         monitor = monitor.register(move |_| {
