@@ -241,6 +241,34 @@ async fn issue_missing_codes(
     Ok(())
 }
 
+/// New codes in the columns they are stored as (id, keyed hash, sealed copy,
+/// last four symbols), ready to bind as arrays. The plain codes go no further.
+struct Minted {
+    ids: Vec<Uuid>,
+    hashes: Vec<Vec<u8>>,
+    sealed: Vec<Vec<u8>>,
+    last4: Vec<String>,
+}
+
+impl Minted {
+    fn new(keys: &CodeKeys, n: usize) -> Self {
+        let mut minted = Minted {
+            ids: Vec::with_capacity(n),
+            hashes: Vec::with_capacity(n),
+            sealed: Vec::with_capacity(n),
+            last4: Vec::with_capacity(n),
+        };
+        for _ in 0..n {
+            let code = Code::generate();
+            minted.ids.push(Uuid::now_v7());
+            minted.hashes.push(keys.hash(&code));
+            minted.sealed.push(keys.seal(&code));
+            minted.last4.push(code.last4().to_owned());
+        }
+        minted
+    }
+}
+
 /// Issues one code for each unit index that still has none, with its audit
 /// events; returns how many were new (a concurrent run may have won some).
 async fn issue_codes(
@@ -250,17 +278,12 @@ async fn issue_codes(
     line_id: Uuid,
     units: &[i32],
 ) -> Result<usize, JobError> {
-    let mut ids = Vec::with_capacity(units.len());
-    let mut hashes = Vec::with_capacity(units.len());
-    let mut sealed = Vec::with_capacity(units.len());
-    let mut last4 = Vec::with_capacity(units.len());
-    for _ in units {
-        let code = Code::generate();
-        ids.push(Uuid::now_v7());
-        hashes.push(keys.hash(&code));
-        sealed.push(keys.seal(&code));
-        last4.push(code.last4().to_owned());
-    }
+    let Minted {
+        ids,
+        hashes,
+        sealed,
+        last4,
+    } = Minted::new(keys, units.len());
     let inserted: Vec<(Uuid, i32, String)> = sqlx::query_as(
         "INSERT INTO activation_code (id, product_id, code_hash, code_sealed, last4,
                                       order_line_id, unit_index, expires_at)
@@ -561,17 +584,12 @@ pub async fn issue_batch_codes(
     let mut left = count as usize;
     while left > 0 {
         let n = left.min(500);
-        let mut ids = Vec::with_capacity(n);
-        let mut hashes = Vec::with_capacity(n);
-        let mut sealed = Vec::with_capacity(n);
-        let mut last4 = Vec::with_capacity(n);
-        for _ in 0..n {
-            let code = Code::generate();
-            ids.push(Uuid::now_v7());
-            hashes.push(keys.hash(&code));
-            sealed.push(keys.seal(&code));
-            last4.push(code.last4().to_owned());
-        }
+        let Minted {
+            ids,
+            hashes,
+            sealed,
+            last4,
+        } = Minted::new(keys, n);
         sqlx::query(
             "INSERT INTO activation_code (id, product_id, code_hash, code_sealed, last4, batch_id,
                                           replaces, expires_at)

@@ -71,10 +71,7 @@ impl Sale {
 
     /// Shopify's numeric order id for this sale.
     fn shopify_id(&self) -> u64 {
-        // FNV-1a: a stable number per order name.
-        self.order.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
-        }) % 10_000_000_000
+        numeric_id(&self.order)
     }
 }
 
@@ -440,7 +437,7 @@ impl Channel {
             .collect();
         // Shopify's refund id is numeric: derive one from the test's refund id.
         let body = json!({
-            "id": Sale::new(refund_id, "", &[]).shopify_id(),
+            "id": numeric_id(refund_id),
             "order_id": sale.shopify_id(),
             "created_at": Utc::now().to_rfc3339(),
             "note": "test refund",
@@ -540,6 +537,13 @@ impl Channel {
             .await
             .expect("the gateway answers")
     }
+}
+
+/// A stable Shopify-style numeric id for a test's name (FNV-1a).
+fn numeric_id(name: &str) -> u64 {
+    name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    }) % 10_000_000_000
 }
 
 fn shopify_line(product: Product, quantity: u32) -> Value {

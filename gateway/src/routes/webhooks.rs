@@ -40,15 +40,7 @@ async fn stripe(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         Duration::from_secs(config.signature_tolerance_secs),
         Utc::now(),
     );
-    let text = String::from_utf8_lossy(&body);
-    accept(
-        &state,
-        stripe::CHANNEL,
-        verified,
-        || stripe::envelope(&text),
-        &body,
-    )
-    .await
+    accept(&state, stripe::CHANNEL, verified, stripe::envelope, &body).await
 }
 
 async fn shopify(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Answer {
@@ -65,7 +57,7 @@ async fn shopify(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
         &state,
         shopify::CHANNEL,
         verified,
-        || shopify::envelope(&headers),
+        |_| shopify::envelope(&headers),
         &body,
     )
     .await
@@ -81,12 +73,11 @@ async fn native(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         Duration::from_secs(config.signature_tolerance_secs),
         Utc::now(),
     );
-    let text = String::from_utf8_lossy(&body);
     accept(
         &state,
         native::CHANNEL,
         verified,
-        || native::envelope(&headers, &text),
+        |text| native::envelope(&headers, text),
         &body,
     )
     .await
@@ -99,7 +90,7 @@ async fn accept(
     state: &AppState,
     channel: &'static str,
     verified: Result<(), SignatureError>,
-    envelope: impl FnOnce() -> Result<Envelope, String>,
+    envelope: impl FnOnce(&str) -> Result<Envelope, String>,
     body: &[u8],
 ) -> Answer {
     verified.map_err(|e| {
@@ -115,7 +106,7 @@ async fn accept(
 
     // Authentic from here on: whatever it holds is kept.
     let text = String::from_utf8_lossy(body);
-    let envelope = envelope();
+    let envelope = envelope(&text);
     let (event_id, event_type) = match &envelope {
         Ok(e) => (e.event_id.clone(), e.event_type.clone()),
         Err(_) => (
