@@ -258,6 +258,7 @@ impl Apply<'_> {
                     ),
                     action_taken: None,
                     dedupe_key: format!("refund_unmatched:{}:{}:{reference}", self.order_id, self.reason),
+                    run_id: None,
                 },
             )
             .await?;
@@ -307,6 +308,7 @@ impl Apply<'_> {
                         ),
                         action_taken: None,
                         dedupe_key: format!("refund_unallocated:{}:{}", self.order_id, self.reason),
+                        run_id: None,
                     },
                 )
                 .await?;
@@ -391,6 +393,7 @@ impl Apply<'_> {
                     ),
                     action_taken: Some("kept the code; operations to decide"),
                     dedupe_key: format!("refunded_but_redeemed:{code_id}"),
+                    run_id: None,
                 },
             )
             .await?;

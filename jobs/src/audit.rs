@@ -6,6 +6,8 @@ use sqlx::PgConnection;
 
 /// The worker's name in the audit log.
 pub const WORKER: &str = "system:worker";
+/// The actor of reconciliation runs.
+pub const RECONCILER: &str = "system:reconciler";
 
 /// One audit event about one subject.
 #[derive(Debug, Clone)]

@@ -30,6 +30,17 @@ pub struct Config {
     pub native: NativeConfig,
     pub email: EmailConfig,
     pub schedule: ScheduleConfig,
+    pub reconcile: ReconcileConfig,
+}
+
+/// `[reconcile]`
+#[derive(Debug, Clone, Deserialize)]
+pub struct ReconcileConfig {
+    pub window_hours: u32,
+    pub lag_secs: u64,
+    pub max_attempts: u32,
+    pub max_retry_wait_secs: u64,
+    pub call_limit_ratio: f64,
 }
 
 /// `[schedule]`
@@ -39,6 +50,7 @@ pub struct ScheduleConfig {
     pub expire: String,
     pub prune: String,
     pub remind: String,
+    pub reconcile: String,
     pub remind_days_before: u32,
     pub requeue_after_secs: u64,
     pub batch_size: u32,
@@ -107,6 +119,10 @@ pub struct StripeConfig {
 pub struct ShopifyConfig {
     pub webhook_secrets: Vec<SecretString>,
     pub max_event_age_secs: u64,
+    pub shop_url: String,
+    pub api_token: SecretString,
+    pub api_version: String,
+    pub api_timeout_secs: u64,
 }
 
 /// `[native]`
@@ -230,6 +246,7 @@ impl Config {
             ("schedule.expire", &self.schedule.expire),
             ("schedule.prune", &self.schedule.prune),
             ("schedule.remind", &self.schedule.remind),
+            ("schedule.reconcile", &self.schedule.reconcile),
         ] {
             cron.parse::<cron::Schedule>().map_err(|e| {
                 invalid(
@@ -249,6 +266,22 @@ impl Config {
         }
         reqwest::Url::parse(&self.stripe.api_base)
             .map_err(|e| invalid("stripe.api_base", e.to_string()))?;
+        if !self.shopify.shop_url.is_empty() {
+            reqwest::Url::parse(&self.shopify.shop_url)
+                .map_err(|e| invalid("shopify.shop_url", e.to_string()))?;
+        }
+        if self.reconcile.window_hours == 0 || self.reconcile.max_attempts == 0 {
+            return Err(invalid(
+                "reconcile.window_hours",
+                "reconcile.window_hours and reconcile.max_attempts must be at least 1",
+            ));
+        }
+        if !(0.1..=1.0).contains(&self.reconcile.call_limit_ratio) {
+            return Err(invalid(
+                "reconcile.call_limit_ratio",
+                "must be between 0.1 and 1.0",
+            ));
+        }
         reqwest::Url::parse(&self.email.redeem_url)
             .map_err(|e| invalid("email.redeem_url", e.to_string()))?;
         self.email

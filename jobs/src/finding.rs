@@ -20,6 +20,8 @@ pub struct NewFinding<'a> {
     pub action_taken: Option<&'a str>,
     /// What makes two findings the same one.
     pub dedupe_key: String,
+    /// The reconciliation run that found it, if one did.
+    pub run_id: Option<Uuid>,
 }
 
 /// Records a finding unless it already exists; returns whether it was new.
@@ -27,8 +29,8 @@ pub async fn record(conn: &mut PgConnection, actor: &str, f: NewFinding<'_>) -> 
     let id = Uuid::now_v7();
     let inserted = sqlx::query(
         "INSERT INTO reconciliation_finding
-            (id, kind, order_id, code_id, channel, channel_reference, detail, action_taken, dedupe_key)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+            (id, kind, order_id, code_id, channel, channel_reference, detail, action_taken, dedupe_key, run_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
          ON CONFLICT (dedupe_key) DO NOTHING",
     )
     .bind(id)
@@ -40,6 +42,7 @@ pub async fn record(conn: &mut PgConnection, actor: &str, f: NewFinding<'_>) -> 
     .bind(&f.detail)
     .bind(f.action_taken)
     .bind(&f.dedupe_key)
+    .bind(f.run_id)
     .execute(&mut *conn)
     .await?
     .rows_affected()
@@ -53,7 +56,7 @@ pub async fn record(conn: &mut PgConnection, actor: &str, f: NewFinding<'_>) -> 
                 subject_type: "finding",
                 subject_id: id.to_string(),
                 reason: Some(&f.detail),
-                data: json!({ "kind": f.kind, "order": f.order_id, "code": f.code_id }),
+                data: json!({ "kind": f.kind, "order": f.order_id, "code": f.code_id, "run": f.run_id, "action_taken": f.action_taken }),
             },
         )
         .await?;

@@ -50,17 +50,7 @@ async fn run_event(ctx: &Context, inbox_id: Uuid) -> Result<(), JobError> {
             "the event's body was pruned before it was processed",
         ));
     };
-    let command = match event.channel.as_str() {
-        stripe::CHANNEL => ctx.stripe.interpret(body).await?,
-        shopify::CHANNEL => shopify::interpret(&event.event_type, body)?,
-        native::CHANNEL => native::interpret(&event.event_type, body)?,
-        other => {
-            return Err(JobError::permanent(
-                "channel_unknown",
-                format!("no adapter for channel {other}"),
-            ));
-        }
-    };
+    let command = interpret(ctx, &event.channel, &event.event_type, body).await?;
     let settings = IssueSettings {
         message_id_domain: &ctx.config.email.message_id_domain,
         batch_size: ctx.config.worker.issue_batch_size,
@@ -95,6 +85,24 @@ async fn run_event(ctx: &Context, inbox_id: Uuid) -> Result<(), JobError> {
         enqueue_delivery(ctx, delivery, due).await;
     }
     Ok(())
+}
+
+/// Maps a channel's event to a command with the channel's adapter.
+pub async fn interpret(
+    ctx: &Context,
+    channel: &str,
+    event_type: &str,
+    body: &str,
+) -> Result<Command, JobError> {
+    match channel {
+        stripe::CHANNEL => ctx.stripe.interpret(body).await,
+        shopify::CHANNEL => shopify::interpret(event_type, body),
+        native::CHANNEL => native::interpret(event_type, body),
+        other => Err(JobError::permanent(
+            "channel_unknown",
+            format!("no adapter for channel {other}"),
+        )),
+    }
 }
 
 /// Enqueues a delivery for when it is due. If Redis fails the delivery stays

@@ -19,6 +19,7 @@ pub mod handlers;
 pub mod inbox;
 pub mod issuance;
 pub mod queue;
+pub mod reconcile;
 pub mod redemption;
 pub mod shutdown;
 pub mod sweep;

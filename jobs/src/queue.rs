@@ -22,11 +22,18 @@ pub struct SendDelivery {
     pub delivery_id: Uuid,
 }
 
+/// Carry out one queued reconciliation run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunReconciliation {
+    pub run_id: Uuid,
+}
+
 /// Handles to every queue, for whoever enqueues (gateway, worker).
 #[derive(Debug, Clone)]
 pub struct Queues {
     pub events: RedisStorage<ProcessEvent>,
     pub deliveries: RedisStorage<SendDelivery>,
+    pub reconciliations: RedisStorage<RunReconciliation>,
     conn: ConnectionManager,
 }
 
@@ -42,6 +49,8 @@ impl Queues {
                 .with_config(QueueConfig::default().queue(format!("{ns}:events"))),
             deliveries: RedisStorage::new(conn.clone())
                 .with_config(QueueConfig::default().queue(format!("{ns}:deliveries"))),
+            reconciliations: RedisStorage::new(conn.clone())
+                .with_config(QueueConfig::default().queue(format!("{ns}:reconciliations"))),
             conn,
         })
     }
@@ -53,6 +62,15 @@ impl Queues {
             .push(ProcessEvent { inbox_id })
             .await
             .context("Failed to enqueue a webhook event")
+    }
+
+    /// Enqueues a queued reconciliation run.
+    pub async fn run_reconciliation(&self, run_id: Uuid) -> anyhow::Result<()> {
+        self.reconciliations
+            .clone()
+            .push(RunReconciliation { run_id })
+            .await
+            .context("Failed to enqueue a reconciliation run")
     }
 
     /// Enqueues sending of a delivery.

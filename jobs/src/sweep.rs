@@ -88,10 +88,24 @@ pub async fn requeue(ctx: &Context, grace: Duration, limit: i64) -> Result<Value
     for (id, _) in &deliveries {
         ctx.queues.send_delivery(*id).await?;
     }
-    if !events.is_empty() || !deliveries.is_empty() {
+    // Runs asked for on demand whose job Redis lost.
+    let runs: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM reconciliation_run
+         WHERE status = 'queued' AND created_at < now() - make_interval(secs => $1)
+         ORDER BY created_at LIMIT $2",
+    )
+    .bind(grace)
+    .bind(limit)
+    .fetch_all(&ctx.pool)
+    .await?;
+    for id in &runs {
+        ctx.queues.run_reconciliation(*id).await?;
+    }
+    if !events.is_empty() || !deliveries.is_empty() || !runs.is_empty() {
         tracing::warn!(
             events = events.len(),
             deliveries = deliveries.len(),
+            reconciliations = runs.len(),
             "unfinished work enqueued again"
         );
         metrics::counter!("entitle_sweep_requeued_total", "what" => "event")
@@ -99,7 +113,9 @@ pub async fn requeue(ctx: &Context, grace: Duration, limit: i64) -> Result<Value
         metrics::counter!("entitle_sweep_requeued_total", "what" => "delivery")
             .increment(deliveries.len() as u64);
     }
-    Ok(json!({ "events": events.len(), "deliveries": deliveries.len() }))
+    Ok(
+        json!({ "events": events.len(), "deliveries": deliveries.len(), "reconciliations": runs.len() }),
+    )
 }
 
 /// Expires unredeemed codes past their expiry, `batch` per transaction, each

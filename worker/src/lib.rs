@@ -16,8 +16,8 @@ use entitle_jobs::{
     Context,
     delivery::Attempt,
     handlers,
-    queue::{ProcessEvent, SendDelivery},
-    sweep,
+    queue::{ProcessEvent, RunReconciliation, SendDelivery},
+    reconcile, sweep,
 };
 use futures::{FutureExt, future::BoxFuture};
 use poll::EveryInterval;
@@ -41,6 +41,11 @@ async fn send_delivery(job: SendDelivery, ctx: Data<Context>) -> Result<(), BoxD
         // A delivery not yet due was scheduled again for its time.
         Attempt::Sent | Attempt::NothingToDo | Attempt::Failed | Attempt::NotDue(_) => Ok(()),
     }
+}
+
+async fn run_reconciliation(job: RunReconciliation, ctx: Data<Context>) -> Result<(), BoxDynError> {
+    reconcile::execute(&ctx, job.run_id).await?;
+    Ok(())
 }
 
 /// What a restarted queue worker waits before it asks Redis again: nothing
@@ -88,6 +93,7 @@ async fn sweep_tick(
             .await
         }
         "expire" => sweep::expire(&ctx.pool, batch).await,
+        "reconcile" => reconcile::scheduled(&ctx).await,
         "remind" => {
             let reminded = sweep::remind(
                 &ctx.pool,
@@ -136,8 +142,10 @@ pub async fn run(
     let poll = Duration::from_millis(ctx.config.worker.poll_interval_ms);
     let events = ctx.queues.events.clone();
     let deliveries = ctx.queues.deliveries.clone();
+    let reconciliations = ctx.queues.reconciliations.clone();
     let event_ctx = ctx.clone();
     let delivery_ctx = ctx.clone();
+    let reconcile_ctx = ctx.clone();
     let event_backoff = backoff;
     let monitor = Monitor::new()
         .register(move |restarts| {
@@ -168,6 +176,19 @@ pub async fn run(
                 .data(delivery_ctx.clone())
                 .build(send_delivery)
         })
+        // Runs are long and read external APIs: one at a time per process.
+        .register(move |restarts| {
+            WorkerBuilder::new(worker_name("reconciliations"))
+                .backend(
+                    reconciliations
+                        .clone()
+                        .poll_with_strategy(EveryInterval::new(poll))
+                        .before_start(pause_before(restarts)),
+                )
+                .concurrency(1)
+                .data(reconcile_ctx.clone())
+                .build(run_reconciliation)
+        })
         // A queue worker stops when Redis fails it (down, or flushed and so
         // forgetting the worker's registration); start it again, after a
         // pause that grows with each restart.
@@ -181,6 +202,7 @@ pub async fn run(
         ("requeue", &ctx.config.schedule.requeue),
         ("expire", &ctx.config.schedule.expire),
         ("prune", &ctx.config.schedule.prune),
+        ("reconcile", &ctx.config.schedule.reconcile),
     ];
     if ctx.config.schedule.remind_days_before > 0 {
         sweeps.push(("remind", &ctx.config.schedule.remind));

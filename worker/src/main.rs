@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use entitle_jobs::{Config, Context};
+use entitle_jobs::{Config, Context, reconcile};
 
 #[derive(Parser)]
 #[command(version, about = "Entitle's background workers")]
@@ -33,6 +33,22 @@ enum Command {
         /// Only events that failed with this code (e.g. unknown_product).
         #[arg(long)]
         error_code: Option<String>,
+    },
+    /// Reconcile a channel over a window now, in this process, and print the
+    /// run's outcome (the scheduled runs and `POST /admin/v1/reconciliations`
+    /// do the same through the queue).
+    Reconcile {
+        /// stripe, shopify or native.
+        #[arg(long)]
+        channel: String,
+        /// Start of the window (RFC 3339); default: reconcile.window_hours
+        /// before the end.
+        #[arg(long)]
+        from: Option<chrono::DateTime<chrono::Utc>>,
+        /// End of the window (RFC 3339, exclusive); default: now less
+        /// reconcile.lag_secs.
+        #[arg(long)]
+        to: Option<chrono::DateTime<chrono::Utc>>,
     },
 }
 
@@ -69,6 +85,32 @@ async fn main() -> anyhow::Result<()> {
             for id in ids {
                 println!("{id}");
             }
+            return Ok(());
+        }
+        Some(Command::Reconcile { channel, from, to }) => {
+            let config = &ctx.config.reconcile;
+            let default = reconcile::Window::scheduled(
+                chrono::Utc::now(),
+                config.window_hours,
+                config.lag_secs,
+            );
+            let end = to.unwrap_or(default.end);
+            let start =
+                from.unwrap_or(end - chrono::Duration::hours(i64::from(config.window_hours)));
+            if !reconcile::CHANNELS.contains(&channel.as_str()) || start >= end {
+                anyhow::bail!(
+                    "--channel must be stripe, shopify or native, and --from before --to"
+                );
+            }
+            let window = reconcile::Window { start, end };
+            let run = reconcile::queue(&ctx.pool, &channel, window, "operator:cli").await?;
+            reconcile::execute(&ctx, run).await?;
+            let row: serde_json::Value =
+                sqlx::query_scalar("SELECT to_jsonb(r) FROM reconciliation_run r WHERE id = $1")
+                    .bind(run)
+                    .fetch_one(&ctx.pool)
+                    .await?;
+            println!("{}", serde_json::to_string_pretty(&row)?);
             return Ok(());
         }
         Some(Command::Run) | None => {}

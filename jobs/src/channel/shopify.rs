@@ -170,7 +170,7 @@ struct RefundLineItem {
 }
 
 /// Money as Shopify writes it ("19.99") in minor units.
-fn minor_units(amount: Option<&str>) -> Option<i64> {
+pub(crate) fn minor_units(amount: Option<&str>) -> Option<i64> {
     let amount = amount?.trim();
     let (whole, fraction) = amount.split_once('.').unwrap_or((amount, "0"));
     let fraction = format!("{fraction:0<2}");

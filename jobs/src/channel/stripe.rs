@@ -196,6 +196,28 @@ impl StripeApi {
         })
     }
 
+    /// Whether an API key is configured (reconciliation needs one).
+    pub fn configured(&self) -> bool {
+        !self.key.expose_secret().is_empty()
+    }
+
+    /// A GET of an API path, authenticated.
+    pub(crate) fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(self.key.expose_secret())
+    }
+
+    /// Units bought in a Checkout Session, from all its line items.
+    pub(crate) async fn units(&self, session_id: &str) -> Result<i64, JobError> {
+        Ok(self
+            .line_items(session_id)
+            .await?
+            .iter()
+            .map(|i| i64::from(i.quantity.unwrap_or(1)))
+            .sum())
+    }
+
     /// Every line item of a Checkout Session, following `has_more` pages.
     async fn line_items(&self, session_id: &str) -> Result<Vec<LineItem>, JobError> {
         let url = format!("{}/v1/checkout/sessions/{session_id}/line_items", self.base);
