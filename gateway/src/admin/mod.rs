@@ -11,6 +11,7 @@ pub mod events;
 pub mod findings;
 pub mod openapi;
 pub mod orders;
+pub mod reconciliations;
 pub mod tokens;
 
 use axum::{
@@ -186,6 +187,36 @@ pub const ROUTES: &[RouteDoc] = &[
         None,
     ),
     route(
+        "GET",
+        "/admin/v1/findings/export",
+        Support,
+        "Findings as CSV (same filters), all of them, streamed",
+        None,
+    ),
+    route(
+        "POST",
+        "/admin/v1/reconciliations",
+        Operator,
+        "Start a reconciliation run for a channel and window (default: the scheduled window)",
+        Some(
+            r#"{"channel":"stripe","from":"2026-11-01T00:00:00Z","to":"2026-11-02T00:00:00Z","reason":"webhook outage"}"#,
+        ),
+    ),
+    route(
+        "GET",
+        "/admin/v1/reconciliations",
+        Support,
+        "Reconciliation runs, newest first, with duration, counts and peak memory",
+        None,
+    ),
+    route(
+        "GET",
+        "/admin/v1/reconciliations/{id}",
+        Support,
+        "A reconciliation run and its findings by kind and status",
+        None,
+    ),
+    route(
         "POST",
         "/admin/v1/findings/{id}/resolve",
         Operator,
@@ -246,6 +277,7 @@ pub fn router() -> Router<AppState> {
         .merge(events::router())
         .merge(audit_log::router())
         .merge(findings::router())
+        .merge(reconciliations::router())
         .merge(tokens::router())
         .merge(openapi::router())
 }

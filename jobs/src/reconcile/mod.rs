@@ -15,7 +15,6 @@ use std::{collections::BTreeMap, time::Instant};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Value, json};
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{
@@ -97,7 +96,7 @@ pub struct ChannelEvent {
 
 /// Records a run to do; returns its id.
 pub async fn queue(
-    pool: &PgPool,
+    db: impl sqlx::PgExecutor<'_>,
     channel: &str,
     window: Window,
     trigger: &str,
@@ -112,7 +111,7 @@ pub async fn queue(
     .bind(window.start)
     .bind(window.end)
     .bind(trigger)
-    .execute(pool)
+    .execute(db)
     .await?;
     Ok(id)
 }

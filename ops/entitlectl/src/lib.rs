@@ -75,6 +75,9 @@ pub enum Command {
     /// Findings for operations.
     #[command(subcommand)]
     Findings(FindingsCommand),
+    /// Reconciliation runs: start one, list them, read one's summary.
+    #[command(subcommand)]
+    Reconcile(ReconcileCommand),
     /// API tokens (admin).
     #[command(subcommand)]
     Token(TokenCommand),
@@ -209,11 +212,25 @@ pub struct AuditArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum FindingsCommand {
+    /// Findings, newest first (at most 1000; `export` writes them all).
     List {
+        /// open, resolved or ignored.
         #[arg(long)]
         status: Option<String>,
         #[arg(long)]
         kind: Option<String>,
+        /// Only those a reconciliation run found.
+        #[arg(long)]
+        run: Option<String>,
+    },
+    /// Every matching finding as CSV.
+    Export {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long)]
+        run: Option<String>,
     },
     Resolve {
         id: String,
@@ -225,6 +242,38 @@ pub enum FindingsCommand {
         #[arg(long)]
         reason: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReconcileCommand {
+    /// Compare a channel with Entitle for a window (default: the scheduled
+    /// window, the last day).
+    Start {
+        /// stripe, shopify or native.
+        #[arg(long)]
+        channel: String,
+        /// Window start, RFC 3339.
+        #[arg(long)]
+        from: Option<String>,
+        /// Window end (exclusive), RFC 3339.
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        reason: String,
+        /// Wait for the run to end and print its summary.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Runs, newest first.
+    List {
+        #[arg(long)]
+        channel: Option<String>,
+        /// queued, running, finished or failed.
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// A run's summary: window, duration, counts, memory, findings by kind.
+    Show { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -454,14 +503,53 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
                 Ok(())
             });
         }
-        Command::Findings(FindingsCommand::List { status, kind }) => {
-            let findings = api.get("/admin/v1/findings", &[("status", status.clone()), ("kind", kind.clone())]).await?;
+        Command::Findings(FindingsCommand::List { status, kind, run }) => {
+            let findings = api.get("/admin/v1/findings", &[("status", status.clone()), ("kind", kind.clone()), ("run", run.clone())]).await?;
             return print(out, &cli, &findings, |out, v| {
                 let list = v["findings"].as_array().cloned().unwrap_or_default();
                 let open = list.iter().filter(|f| f["status"] == "open").count();
                 writeln!(out, "{} finding(s), {open} open", list.len())?;
                 rows(out, &v["findings"], &["id", "kind", "status", "order_id", "channel", "detail", "created_at"])
             });
+        }
+        Command::Findings(FindingsCommand::Export { status, kind, run }) => {
+            let csv = api
+                .send(reqwest::Method::GET, "/admin/v1/findings/export", &[("status", status.clone()), ("kind", kind.clone()), ("run", run.clone())], None)
+                .await?
+                .bytes()
+                .await?;
+            out.write_all(&csv)?;
+            return Ok(());
+        }
+        Command::Reconcile(ReconcileCommand::Start { channel, from, to, reason, wait }) => {
+            let started = api
+                .post("/admin/v1/reconciliations", json!({ "channel": channel, "from": from, "to": to, "reason": reason }))
+                .await?;
+            if !*wait {
+                started
+            } else {
+                let path = format!("/admin/v1/reconciliations/{}", text(&started["id"]));
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+                let run = loop {
+                    let run = api.get(&path, &[]).await?;
+                    if matches!(run["status"].as_str(), Some("finished" | "failed")) {
+                        break run;
+                    }
+                    if std::time::Instant::now() > deadline {
+                        bail!("run {} has not ended after an hour", text(&started["id"]));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                };
+                return print(out, &cli, &run, run_summary);
+            }
+        }
+        Command::Reconcile(ReconcileCommand::List { channel, status }) => {
+            let runs = api.get("/admin/v1/reconciliations", &[("channel", channel.clone()), ("status", status.clone())]).await?;
+            return print(out, &cli, &runs, |out, v| rows(out, &v["runs"], &["id", "channel", "status", "trigger", "window_start", "window_end", "duration_ms", "channel_records", "entitle_orders"]));
+        }
+        Command::Reconcile(ReconcileCommand::Show { id }) => {
+            let run = api.get(&format!("/admin/v1/reconciliations/{id}"), &[]).await?;
+            return print(out, &cli, &run, run_summary);
         }
         Command::Findings(FindingsCommand::Resolve { id, reason }) => {
             api.post(&format!("/admin/v1/findings/{id}/resolve"), json!({ "reason": reason })).await?
@@ -504,6 +592,60 @@ fn print(
         out.write_all(&buffer)?;
     }
     Ok(())
+}
+
+/// A run for people: what it covered, how it went, what it found.
+fn run_summary(out: &mut dyn Write, run: &Value) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "Reconciliation {} of {}: {}",
+        text(&run["id"]),
+        text(&run["channel"]),
+        text(&run["status"])
+    )?;
+    writeln!(
+        out,
+        "window {} to {}, started by {}",
+        text(&run["window_start"]),
+        text(&run["window_end"]),
+        text(&run["trigger"])
+    )?;
+    let counts = &run["counts"];
+    let compared = if counts["channel_compared"] == true {
+        format!(
+            "{} channel order(s), {} refund/cancellation record(s), {} page(s), {} API retr(ies)",
+            text(&run["channel_records"]),
+            text(&counts["channel_adjustments"]),
+            text(&counts["pages"]),
+            text(&counts["api_retries"])
+        )
+    } else {
+        "the channel's API was not read (native, or not configured)".to_owned()
+    };
+    writeln!(
+        out,
+        "{compared}; {} Entitle order(s)",
+        text(&run["entitle_orders"])
+    )?;
+    let memory = run["peak_memory_bytes"]
+        .as_f64()
+        .map(|b| format!("{:.1} MiB", b / 1048576.0))
+        .unwrap_or_else(|| "unknown".to_owned());
+    writeln!(
+        out,
+        "took {} ms, peak memory {memory}; {} healing action(s), {} mismatch(es) already on record",
+        text(&run["duration_ms"]),
+        text(&counts["actions"]),
+        text(&counts["seen_again"])
+    )?;
+    if !run["error"].is_null() {
+        writeln!(out, "error: {}", text(&run["error"]))?;
+    }
+    let findings = run["findings"].as_array().cloned().unwrap_or_default();
+    if findings.is_empty() {
+        return writeln!(out, "no findings");
+    }
+    rows(out, &run["findings"], &["kind", "status", "count"])
 }
 
 fn text(value: &Value) -> String {
