@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::{
     NATIVE_SECRET, SHOPIFY_PREVIOUS_SECRET, SHOPIFY_SECRET, STRIPE_WEBHOOK_SECRET, TestApp,
-    stripe::{charge_refunded, mount_line_items, session_event},
+    stripe::{charge_refunded, line_items_page, mount_line_items, session_event},
 };
 use entitle_jobs::channel::{native, shopify, stripe as stripe_channel};
 
@@ -62,7 +62,7 @@ impl Sale {
         }
     }
 
-    fn total(&self) -> i64 {
+    pub fn total(&self) -> i64 {
         self.lines
             .iter()
             .map(|(_, q)| i64::from(*q) * UNIT_PRICE)
@@ -156,73 +156,14 @@ impl Channel {
     ) -> reqwest::Response {
         match self {
             Channel::Stripe => {
-                let items: Vec<(&str, u32)> = sale
-                    .lines
-                    .iter()
-                    .map(|(p, q)| (stripe_price(*p), *q))
-                    .collect();
-                mount_line_items(&app.stripe, &sale.order, &items).await;
-                let mut metadata = json!({});
-                if let Some(account) = &sale.account_id {
-                    metadata["account_id"] = json!(account);
-                }
-                if let Some(g) = &sale.gift {
-                    metadata["gift_recipient_email"] = json!(g.recipient_email);
-                    metadata["gift_recipient_name"] = json!(g.recipient_name);
-                    metadata["gift_message"] = json!(g.message);
-                    if let Some(t) = g.send_at {
-                        metadata["gift_send_at"] = json!(t.to_rfc3339());
-                    }
-                }
-                let body = session_event(
-                    &format!("evt_paid_{}", sale.order),
-                    "checkout.session.completed",
-                    &sale.order,
-                    &sale.buyer,
-                    metadata,
-                    sale.total(),
-                );
-                self.post(
-                    app,
-                    &format!("evt_paid_{}", sale.order),
-                    "checkout.session.completed",
-                    &body,
-                    signing,
-                )
-                .await
+                mount_line_items(&app.stripe, &sale.order, &stripe_items(sale)).await;
+                let event_id = format!("evt_paid_{}", sale.order);
+                let body = stripe_session_event(sale, &event_id, "checkout.session.completed");
+                self.post(app, &event_id, "checkout.session.completed", &body, signing)
+                    .await
             }
             Channel::Shopify => {
-                let mut attributes = Vec::new();
-                if let Some(account) = &sale.account_id {
-                    attributes.push(json!({ "name": "account_id", "value": account }));
-                }
-                if let Some(g) = &sale.gift {
-                    attributes.push(
-                        json!({ "name": "gift_recipient_email", "value": g.recipient_email }),
-                    );
-                    attributes
-                        .push(json!({ "name": "gift_recipient_name", "value": g.recipient_name }));
-                    attributes.push(json!({ "name": "gift_message", "value": g.message }));
-                    if let Some(t) = g.send_at {
-                        attributes.push(json!({ "name": "gift_send_at", "value": t.to_rfc3339() }));
-                    }
-                }
-                let body = json!({
-                    "id": sale.shopify_id(),
-                    "admin_graphql_api_id": format!("gid://shopify/Order/{}", sale.shopify_id()),
-                    "name": format!("#{}", sale.shopify_id() % 10000),
-                    "email": sale.buyer,
-                    "contact_email": sale.buyer,
-                    "created_at": Utc::now().to_rfc3339(),
-                    "processed_at": Utc::now().to_rfc3339(),
-                    "currency": "EUR",
-                    "financial_status": "paid",
-                    "total_price": format!("{}.00", sale.total() / 100),
-                    "customer": { "id": 115310627314723954u64, "email": sale.buyer, "first_name": "Ada", "last_name": "Buyer" },
-                    "note_attributes": attributes,
-                    "line_items": shopify_lines(sale),
-                })
-                .to_string();
+                let body = shopify_order(sale).to_string();
                 self.post(
                     app,
                     &format!("wh_paid_{}", sale.order),
@@ -421,30 +362,7 @@ impl Channel {
         refund_id: &str,
         lines: &[(Product, u32)],
     ) -> reqwest::Response {
-        let refund_lines: Vec<Value> = lines
-            .iter()
-            .enumerate()
-            .map(|(i, (product, quantity))| {
-                json!({
-                    "id": 100 + i,
-                    "quantity": quantity,
-                    "line_item_id": 5000 + shopify_variant(*product) % 1000,
-                    "restock_type": "no_restock",
-                    "subtotal": (i64::from(*quantity) * UNIT_PRICE) as f64 / 100.0,
-                    "line_item": shopify_line(*product, *quantity),
-                })
-            })
-            .collect();
-        // Shopify's refund id is numeric: derive one from the test's refund id.
-        let body = json!({
-            "id": numeric_id(refund_id),
-            "order_id": sale.shopify_id(),
-            "created_at": Utc::now().to_rfc3339(),
-            "note": "test refund",
-            "restock": false,
-            "refund_line_items": refund_lines,
-            "transactions": [{ "kind": "refund", "status": "success", "gateway": "bogus" }],
-        });
+        let body = shopify_refund(sale, refund_id, lines);
         self.post(
             app,
             &format!("wh_{refund_id}"),
@@ -537,6 +455,129 @@ impl Channel {
             .await
             .expect("the gateway answers")
     }
+}
+
+/// The price ids and quantities of a sale's Stripe line items.
+fn stripe_items(sale: &Sale) -> Vec<(&'static str, u32)> {
+    sale.lines
+        .iter()
+        .map(|(p, q)| (stripe_price(*p), *q))
+        .collect()
+}
+
+/// A Checkout Session event for the sale, as Stripe sends it.
+pub fn stripe_session_event(sale: &Sale, event_id: &str, event_type: &str) -> String {
+    let mut metadata = json!({});
+    if let Some(account) = &sale.account_id {
+        metadata["account_id"] = json!(account);
+    }
+    if let Some(g) = &sale.gift {
+        metadata["gift_recipient_email"] = json!(g.recipient_email);
+        metadata["gift_recipient_name"] = json!(g.recipient_name);
+        metadata["gift_message"] = json!(g.message);
+        if let Some(t) = g.send_at {
+            metadata["gift_send_at"] = json!(t.to_rfc3339());
+        }
+    }
+    session_event(
+        event_id,
+        event_type,
+        &sale.order,
+        &sale.buyer,
+        metadata,
+        sale.total(),
+    )
+}
+
+/// The sale's Checkout Session as Stripe's API lists it, with its line items
+/// expanded.
+pub fn stripe_session(sale: &Sale) -> Value {
+    let event: Value = serde_json::from_str(&stripe_session_event(
+        sale,
+        "evt_listed",
+        "checkout.session.completed",
+    ))
+    .expect("fixtures are JSON");
+    let mut session = event["data"]["object"].clone();
+    session["line_items"] = line_items_page(&sale.order, &stripe_items(sale), false);
+    session
+}
+
+/// The sale's charge after `amount_refunded` (cumulative) came back, as
+/// Stripe's API shows it.
+pub fn stripe_charge(sale: &Sale, amount_refunded: i64) -> Value {
+    let event: Value = serde_json::from_str(&charge_refunded(
+        "evt_listed",
+        &sale.order,
+        sale.total(),
+        amount_refunded,
+    ))
+    .expect("fixtures are JSON");
+    event["data"]["object"].clone()
+}
+
+/// The sale as a Shopify order (the `orders/paid` body, and what the Admin
+/// API lists).
+pub fn shopify_order(sale: &Sale) -> Value {
+    let mut attributes = Vec::new();
+    if let Some(account) = &sale.account_id {
+        attributes.push(json!({ "name": "account_id", "value": account }));
+    }
+    if let Some(g) = &sale.gift {
+        attributes.push(json!({ "name": "gift_recipient_email", "value": g.recipient_email }));
+        attributes.push(json!({ "name": "gift_recipient_name", "value": g.recipient_name }));
+        attributes.push(json!({ "name": "gift_message", "value": g.message }));
+        if let Some(t) = g.send_at {
+            attributes.push(json!({ "name": "gift_send_at", "value": t.to_rfc3339() }));
+        }
+    }
+    json!({
+        "id": sale.shopify_id(),
+        "admin_graphql_api_id": format!("gid://shopify/Order/{}", sale.shopify_id()),
+        "name": format!("#{}", sale.shopify_id() % 10000),
+        "email": sale.buyer,
+        "contact_email": sale.buyer,
+        "created_at": Utc::now().to_rfc3339(),
+        "processed_at": Utc::now().to_rfc3339(),
+        "updated_at": Utc::now().to_rfc3339(),
+        "cancelled_at": null,
+        "currency": "EUR",
+        "financial_status": "paid",
+        "total_price": format!("{}.00", sale.total() / 100),
+        "customer": { "id": 115310627314723954u64, "email": sale.buyer, "first_name": "Ada", "last_name": "Buyer" },
+        "note_attributes": attributes,
+        "line_items": shopify_lines(sale),
+        "refunds": [],
+    })
+}
+
+/// A Shopify refund of `lines` of the sale (the `refunds/create` body, and
+/// an entry of the order's `refunds`).
+pub fn shopify_refund(sale: &Sale, refund_id: &str, lines: &[(Product, u32)]) -> Value {
+    let refund_lines: Vec<Value> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, (product, quantity))| {
+            json!({
+                "id": 100 + i,
+                "quantity": quantity,
+                "line_item_id": 5000 + shopify_variant(*product) % 1000,
+                "restock_type": "no_restock",
+                "subtotal": (i64::from(*quantity) * UNIT_PRICE) as f64 / 100.0,
+                "line_item": shopify_line(*product, *quantity),
+            })
+        })
+        .collect();
+    // Shopify's refund id is numeric: derive one from the test's refund id.
+    json!({
+        "id": numeric_id(refund_id),
+        "order_id": sale.shopify_id(),
+        "created_at": Utc::now().to_rfc3339(),
+        "note": "test refund",
+        "restock": false,
+        "refund_line_items": refund_lines,
+        "transactions": [{ "kind": "refund", "status": "success", "gateway": "bogus" }],
+    })
 }
 
 /// A stable Shopify-style numeric id for a test's name (FNV-1a).

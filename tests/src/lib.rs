@@ -2,6 +2,7 @@
 //! `127.0.0.1:0`, each test with its own Postgres database, its own Redis
 //! namespace, a wiremock stand-in for Stripe's API and a real SMTP server.
 
+pub mod channel_api;
 pub mod channels;
 pub mod smtp;
 pub mod stripe;
@@ -171,12 +172,18 @@ impl TestApp {
                     "schedule": {
                         "requeue": "0 0 0 1 1 *",
                         "expire": "0 0 0 1 1 *",
-                        "prune": "0 0 0 1 1 *"
+                        "prune": "0 0 0 1 1 *",
+                        "reconcile": "0 0 0 1 1 *"
                     },
                     "shopify": {
                         "webhook_secrets": [SHOPIFY_SECRET, SHOPIFY_PREVIOUS_SECRET],
-                        "max_event_age_secs": 172800
+                        "max_event_age_secs": 172800,
+                        // The Admin API stand-in shares the wiremock server.
+                        "shop_url": stripe.uri(),
+                        "api_token": "shpat_test_entitle",
+                        "api_timeout_secs": 5
                     },
+                    "reconcile": { "max_retry_wait_secs": 5 },
                     "native": {
                         "webhook_secrets": [NATIVE_SECRET],
                         "signature_tolerance_secs": 300
