@@ -180,7 +180,7 @@ async fn export(
     ]);
     let pool = state.ctx.pool.clone();
     // The cursor: the last (created_at, id) written; None once done.
-    let start = Some((chrono::DateTime::<chrono::Utc>::MIN_UTC, Uuid::nil()));
+    let start = Some((chrono::DateTime::<chrono::Utc>::UNIX_EPOCH, Uuid::nil()));
     let pages = futures::stream::unfold(start, move |cursor| {
         let (pool, f) = (pool.clone(), f.clone());
         async move {
