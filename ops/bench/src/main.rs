@@ -1,0 +1,281 @@
+//! Entitle's benchmarks, run by `ops/bench.sh`: a reconciliation run over
+//! 1,000,000 Stripe orders against a generated stand-in of Stripe's API, and
+//! the expiry sweep over 1,000,000 expiring codes among 5,000,000. Each
+//! prints its time, throughput and peak memory next to the floor it is held
+//! to, and exits non-zero when a figure misses its floor.
+
+mod seed;
+mod standin;
+
+use std::time::Instant;
+
+use anyhow::{Context as _, ensure};
+use base64::Engine as _;
+use clap::{Parser, Subcommand};
+use entitle_jobs::{Config, Context, reconcile, sweep};
+use figment::providers::Serialized;
+use serde_json::{Value, json};
+
+/// Reconciliation must compare at least this many orders a second.
+const RECONCILE_FLOOR_PER_SEC: f64 = 2_000.0;
+/// The expiry sweep must expire at least this many codes a second.
+const EXPIRY_FLOOR_PER_SEC: f64 = 5_000.0;
+/// Neither may grow the process past this (bounded memory: it must not
+/// scale with the number of orders or codes).
+const MEMORY_CEILING_MIB: f64 = 256.0;
+
+#[derive(Debug, Parser)]
+#[command(about = "Entitle's benchmarks")]
+struct Cli {
+    /// Admin connection to Postgres; benchmark databases are made beside it.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    /// Orders on both sides of the reconciliation.
+    #[arg(long, default_value_t = 1_000_000)]
+    orders: i64,
+    /// Codes in the database for the expiry sweep.
+    #[arg(long, default_value_t = 5_000_000)]
+    codes: i64,
+    /// Of those, how many are past their expiry.
+    #[arg(long, default_value_t = 1_000_000)]
+    expiring: i64,
+    /// Keep the benchmark databases afterwards (they hold gigabytes).
+    #[arg(long)]
+    keep: bool,
+    #[command(subcommand)]
+    which: Option<Which>,
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+enum Which {
+    Reconcile,
+    Expiry,
+    /// Both (the default).
+    All,
+}
+
+/// One measured figure and its floor (or ceiling).
+struct Figure {
+    what: &'static str,
+    value: f64,
+    unit: &'static str,
+    bound: f64,
+    /// true: the value must reach the bound; false: stay under it.
+    at_least: bool,
+}
+
+impl Figure {
+    fn passes(&self) -> bool {
+        if self.at_least {
+            self.value >= self.bound
+        } else {
+            self.value <= self.bound
+        }
+    }
+
+    fn print(&self) {
+        println!(
+            "  {:<34} {:>12.1} {:<9} {} {:>10.1}  {}",
+            self.what,
+            self.value,
+            self.unit,
+            if self.at_least { "floor  " } else { "ceiling" },
+            self.bound,
+            if self.passes() { "ok" } else { "MISSED" }
+        );
+    }
+}
+
+fn random_key() -> String {
+    let mut key = [0u8; 32];
+    rand::fill(&mut key);
+    base64::engine::general_purpose::STANDARD.encode(key)
+}
+
+/// A context on a fresh database named `name`.
+async fn context(cli: &Cli, name: &str, overrides: Value) -> anyhow::Result<Context> {
+    let url = seed::fresh_database(&cli.database_url, name).await?;
+    let catalogue = concat!(env!("CARGO_MANIFEST_DIR"), "/../catalogue.toml");
+    let config = Config::from_figment(
+        Config::defaults()
+            .merge(Serialized::defaults(json!({
+                "database": { "url": url, "max_connections": 4 },
+                "redis": { "url": cli.redis_url, "namespace": format!("entitle-bench-{name}") },
+                "codes": { "hash_key": random_key(), "seal_key": random_key() },
+                "catalogue": { "file": catalogue },
+            })))
+            .merge(Serialized::defaults(overrides)),
+    )?;
+    let ctx = Context::connect(config).await?;
+    ctx.prepare().await?;
+    Ok(ctx)
+}
+
+async fn bench_reconcile(cli: &Cli) -> anyhow::Result<Vec<Figure>> {
+    println!("reconciliation: {} Stripe orders on both sides", cli.orders);
+    let standin = standin::Stripe::start(cli.orders).await?;
+    let ctx = context(
+        cli,
+        "entitle_bench_reconcile",
+        json!({ "stripe": { "api_base": standin.url, "api_key": "sk_bench" } }),
+    )
+    .await?;
+    let window = standin.window();
+    let seeding = Instant::now();
+    let seeded = seed::orders(&ctx.pool, cli.orders, &window).await?;
+    println!(
+        "  seeded {} orders, lines and codes in {:.1} s (not measured)",
+        seeded.orders,
+        seeding.elapsed().as_secs_f64()
+    );
+    let run = reconcile::queue(&ctx.pool, "stripe", window, "benchmark").await?;
+    reconcile::execute(&ctx, run).await?;
+    let row: Value =
+        sqlx::query_scalar("SELECT to_jsonb(r) FROM reconciliation_run r WHERE id = $1")
+            .bind(run)
+            .fetch_one(&ctx.pool)
+            .await?;
+    ensure!(row["status"] == "finished", "the run did not finish: {row}");
+    let findings = &row["counts"]["findings"];
+    println!("  run {run}: {}", row["counts"]);
+    // The figures only count if the run found exactly what was seeded.
+    for (kind, expected) in [
+        ("paid_not_fulfilled", seeded.lost),
+        ("unknown_to_channel", seeded.unknown),
+        ("amount_mismatch", seeded.mismatched),
+    ] {
+        ensure!(
+            findings[kind].as_i64().unwrap_or(0) == expected,
+            "{kind}: expected {expected}, found {}",
+            findings[kind]
+        );
+    }
+    let seconds = row["duration_ms"].as_f64().unwrap_or(f64::MAX) / 1000.0;
+    let records = row["channel_records"].as_f64().unwrap_or(0.0);
+    ensure!(records as i64 == cli.orders, "the run read {records} records");
+    let peak = row["peak_memory_bytes"].as_f64().unwrap_or(f64::MAX) / 1048576.0;
+    println!(
+        "  {} channel records and {} Entitle orders in {seconds:.1} s",
+        records, row["entitle_orders"]
+    );
+    Ok(vec![
+        Figure {
+            what: "reconciliation throughput",
+            value: records / seconds,
+            unit: "orders/s",
+            bound: RECONCILE_FLOOR_PER_SEC,
+            at_least: true,
+        },
+        Figure {
+            what: "reconciliation peak memory (RSS)",
+            value: peak,
+            unit: "MiB",
+            bound: MEMORY_CEILING_MIB,
+            at_least: false,
+        },
+    ])
+}
+
+async fn bench_expiry(cli: &Cli) -> anyhow::Result<Vec<Figure>> {
+    println!(
+        "expiry sweep: {} expiring codes among {}",
+        cli.expiring, cli.codes
+    );
+    let ctx = context(cli, "entitle_bench_expiry", json!({})).await?;
+    let seeding = Instant::now();
+    seed::codes(&ctx.pool, cli.codes, cli.expiring).await?;
+    println!(
+        "  seeded {} codes in {:.1} s (not measured)",
+        cli.codes,
+        seeding.elapsed().as_secs_f64()
+    );
+    let batch = i64::from(ctx.config.schedule.batch_size);
+    let exact = reconcile::memory::reset_peak();
+    let started = Instant::now();
+    let summary = sweep::expire(&ctx.pool, batch)
+        .await
+        .context("the expiry sweep failed")?;
+    let seconds = started.elapsed().as_secs_f64();
+    let peak = reconcile::memory::peak_bytes().unwrap_or(u64::MAX) as f64 / 1048576.0;
+    let expired = summary["expired"].as_i64().unwrap_or(0);
+    ensure!(
+        expired == cli.expiring,
+        "expired {expired}, not {}",
+        cli.expiring
+    );
+    let audited: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_event WHERE action = 'code.expired'")
+            .fetch_one(&ctx.pool)
+            .await?;
+    ensure!(audited == expired, "{audited} audit events for {expired} codes");
+    println!(
+        "  expired {expired} codes (each audited) in {seconds:.1} s, {batch} per transaction{}",
+        if exact {
+            ""
+        } else {
+            "; peak memory covers the whole process"
+        }
+    );
+    Ok(vec![
+        Figure {
+            what: "expiry throughput",
+            value: expired as f64 / seconds,
+            unit: "codes/s",
+            bound: EXPIRY_FLOOR_PER_SEC,
+            at_least: true,
+        },
+        Figure {
+            what: "expiry peak memory (RSS)",
+            value: peak,
+            unit: "MiB",
+            bound: MEMORY_CEILING_MIB,
+            at_least: false,
+        },
+    ])
+}
+
+/// Removes the benchmark's Redis keys (the healed orders' email jobs).
+async fn forget_queues(redis_url: &str) -> anyhow::Result<()> {
+    let client = redis::Client::open(redis_url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("entitle-bench-*")
+        .query_async(&mut conn)
+        .await?;
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL").arg(keys).query_async(&mut conn).await?;
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let which = cli.which.unwrap_or(Which::All);
+    let mut figures = Vec::new();
+    if matches!(which, Which::Reconcile | Which::All) {
+        figures.extend(bench_reconcile(&cli).await?);
+    }
+    if matches!(which, Which::Expiry | Which::All) {
+        figures.extend(bench_expiry(&cli).await?);
+    }
+    if !cli.keep {
+        for name in ["entitle_bench_reconcile", "entitle_bench_expiry"] {
+            seed::drop_database(&cli.database_url, name).await?;
+        }
+        forget_queues(&cli.redis_url).await?;
+    }
+    println!("\nfigures:");
+    for figure in &figures {
+        figure.print();
+    }
+    let missed = figures.iter().filter(|f| !f.passes()).count();
+    ensure!(missed == 0, "{missed} figure(s) missed their floor");
+    Ok(())
+}
