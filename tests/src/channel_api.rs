@@ -26,23 +26,34 @@ pub struct ChannelApi {
 }
 
 impl ChannelApi {
-    /// Mounts the lists on `server`, `page_size` records per page.
+    /// Mounts the lists on `server`, `page_size` records per page, for
+    /// clients with the test configuration's keys.
     pub async fn mount(server: &MockServer, page_size: usize) -> Self {
+        Self::mount_for(server, page_size, Some("Bearer sk_test_entitle")).await
+    }
+
+    /// Mounts the lists; Stripe's require `authorization` when given.
+    pub async fn mount_for(
+        server: &MockServer,
+        page_size: usize,
+        authorization: Option<&str>,
+    ) -> Self {
         let api = Self::default();
         for (route, records) in [
             ("/v1/checkout/sessions", &api.stripe_sessions),
             ("/v1/refunds", &api.stripe_refunds),
         ] {
-            Mock::given(method("GET"))
-                .and(path(route))
-                .and(header("authorization", "Bearer sk_test_entitle"))
-                .respond_with(StripeList {
-                    records: records.clone(),
-                    page_size,
-                    url: route,
-                })
-                .mount(server)
-                .await;
+            let mut mock = Mock::given(method("GET")).and(path(route));
+            if let Some(authorization) = authorization {
+                mock = mock.and(header("authorization", authorization));
+            }
+            mock.respond_with(StripeList {
+                records: records.clone(),
+                page_size,
+                url: route,
+            })
+            .mount(server)
+            .await;
         }
         Mock::given(method("GET"))
             .and(path(SHOPIFY_ORDERS_PATH))

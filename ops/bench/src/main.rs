@@ -158,7 +158,10 @@ async fn bench_reconcile(cli: &Cli) -> anyhow::Result<Vec<Figure>> {
     }
     let seconds = row["duration_ms"].as_f64().unwrap_or(f64::MAX) / 1000.0;
     let records = row["channel_records"].as_f64().unwrap_or(0.0);
-    ensure!(records as i64 == cli.orders, "the run read {records} records");
+    ensure!(
+        records as i64 == cli.orders,
+        "the run read {records} records"
+    );
     let peak = row["peak_memory_bytes"].as_f64().unwrap_or(f64::MAX) / 1048576.0;
     println!(
         "  {} channel records and {} Entitle orders in {seconds:.1} s",
@@ -213,7 +216,10 @@ async fn bench_expiry(cli: &Cli) -> anyhow::Result<Vec<Figure>> {
         sqlx::query_scalar("SELECT count(*) FROM audit_event WHERE action = 'code.expired'")
             .fetch_one(&ctx.pool)
             .await?;
-    ensure!(audited == expired, "{audited} audit events for {expired} codes");
+    ensure!(
+        audited == expired,
+        "{audited} audit events for {expired} codes"
+    );
     println!(
         "  expired {expired} codes (each audited) in {seconds:.1} s, {batch} per transaction{}",
         if exact {

@@ -22,7 +22,6 @@ pub struct Stripe {
     start: DateTime<Utc>,
 }
 
-
 /// Whether the channel's total for order `n` differs from Entitle's.
 pub fn amount_differs(n: i64) -> bool {
     n % 10_000 == 3
