@@ -17,12 +17,12 @@ use figment::providers::Serialized;
 use serde_json::{Value, json};
 
 /// Reconciliation must compare at least this many orders a second.
-const RECONCILE_FLOOR_PER_SEC: f64 = 2_000.0;
+const RECONCILE_FLOOR_PER_SEC: f64 = 10_000.0;
 /// The expiry sweep must expire at least this many codes a second.
-const EXPIRY_FLOOR_PER_SEC: f64 = 5_000.0;
+const EXPIRY_FLOOR_PER_SEC: f64 = 10_000.0;
 /// Neither may grow the process past this (bounded memory: it must not
 /// scale with the number of orders or codes).
-const MEMORY_CEILING_MIB: f64 = 256.0;
+const MEMORY_CEILING_MIB: f64 = 64.0;
 
 #[derive(Debug, Parser)]
 #[command(about = "Entitle's benchmarks")]
