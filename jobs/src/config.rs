@@ -55,6 +55,7 @@ pub struct ScheduleConfig {
     pub requeue_after_secs: u64,
     pub batch_size: u32,
     pub retention_days: u32,
+    pub finished_jobs_retention_secs: u64,
 }
 
 /// `[database]`

@@ -102,6 +102,33 @@ impl Queues {
             .context("Failed to schedule an email delivery")
     }
 
+    /// Forgets jobs that ended (done, failed or killed) more than
+    /// `older_than` ago; apalis keeps them otherwise, and Redis would grow
+    /// for ever. Postgres keeps the record of what was done. Returns how
+    /// many were forgotten.
+    pub async fn vacuum(&self, older_than: std::time::Duration) -> anyhow::Result<usize> {
+        use apalis_core::backend::Vacuum as _;
+        let failed = "Failed to vacuum finished jobs";
+        Ok(self
+            .events
+            .clone()
+            .vacuum_before(older_than)
+            .await
+            .context(failed)?
+            + self
+                .deliveries
+                .clone()
+                .vacuum_before(older_than)
+                .await
+                .context(failed)?
+            + self
+                .reconciliations
+                .clone()
+                .vacuum_before(older_than)
+                .await
+                .context(failed)?)
+    }
+
     /// Round-trips a PING, for readiness checks.
     pub async fn ping(&self) -> anyhow::Result<()> {
         let mut conn = self.conn.clone();

@@ -112,7 +112,15 @@ async fn sweep_tick(
                 Err(e) => Err(e),
             }
         }
-        _ => sweep::prune(&ctx.pool, schedule.retention_days, batch).await,
+        _ => match sweep::prune(&ctx.pool, schedule.retention_days, batch).await {
+            Ok(mut summary) => {
+                let retention = Duration::from_secs(schedule.finished_jobs_retention_secs);
+                let vacuumed = ctx.queues.vacuum(retention).await?;
+                summary["finished_jobs_removed"] = vacuumed.into();
+                Ok(summary)
+            }
+            Err(e) => Err(e),
+        },
     };
     let summary = match &outcome {
         Ok(summary) => summary.clone(),
