@@ -101,6 +101,17 @@ pub async fn requeue(ctx: &Context, grace: Duration, limit: i64) -> Result<Value
     for id in &runs {
         ctx.queues.run_reconciliation(*id).await?;
     }
+    // A run whose worker died stays `running`; a run takes minutes, so one
+    // started this long ago is marked failed (the next run covers its
+    // window again).
+    let abandoned = sqlx::query(
+        "UPDATE reconciliation_run SET status = 'failed', finished_at = now(),
+                error = 'abandoned: the worker running it stopped before it ended'
+         WHERE status = 'running' AND started_at < now() - interval '6 hours'",
+    )
+    .execute(&ctx.pool)
+    .await?
+    .rows_affected();
     if !events.is_empty() || !deliveries.is_empty() || !runs.is_empty() {
         tracing::warn!(
             events = events.len(),
@@ -113,9 +124,12 @@ pub async fn requeue(ctx: &Context, grace: Duration, limit: i64) -> Result<Value
         metrics::counter!("entitle_sweep_requeued_total", "what" => "delivery")
             .increment(deliveries.len() as u64);
     }
-    Ok(
-        json!({ "events": events.len(), "deliveries": deliveries.len(), "reconciliations": runs.len() }),
-    )
+    Ok(json!({
+        "events": events.len(),
+        "deliveries": deliveries.len(),
+        "reconciliations": runs.len(),
+        "reconciliations_abandoned": abandoned,
+    }))
 }
 
 /// Expires unredeemed codes past their expiry, `batch` per transaction, each

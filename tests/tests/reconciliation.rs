@@ -835,3 +835,46 @@ async fn three_worker_processes_reconcile_each_tick_once_per_channel() {
         "{runs:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_requeue_sweep_queues_lost_runs_again_and_ends_abandoned_ones() {
+    let app = TestApp::spawn_with(Options {
+        smtp: true,
+        worker: false,
+    })
+    .await;
+    let lost = reconcile::queue(&app.pool, "native", window(), "test")
+        .await
+        .unwrap();
+    let abandoned = reconcile::queue(&app.pool, "native", window(), "test")
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE reconciliation_run SET created_at = now() - interval '10 minutes' WHERE id = $1",
+    )
+    .bind(lost)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE reconciliation_run SET status = 'running', started_at = now() - interval '7 hours' WHERE id = $1",
+    )
+    .bind(abandoned)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let summary = entitle_jobs::sweep::requeue(&app.ctx, Duration::from_secs(300), 100)
+        .await
+        .unwrap();
+    assert_eq!(summary["reconciliations"], 1);
+    assert_eq!(summary["reconciliations_abandoned"], 1);
+    let row = run_row(&app, abandoned).await;
+    assert_eq!(row["status"], "failed");
+    assert!(row["error"].as_str().unwrap().starts_with("abandoned"));
+    // The queued one is back on its queue: a worker started now runs it.
+    app.restart_worker().await;
+    eventually("the requeued run finished", WAIT, || async {
+        (run_row(&app, lost).await["status"] == "finished").then_some(())
+    })
+    .await;
+}
