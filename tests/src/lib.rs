@@ -440,6 +440,20 @@ impl TestApp {
         (status, value)
     }
 
+    /// Runs `entitlectl` in-process against this app with `token`; returns
+    /// what it printed.
+    pub async fn cli(&self, token: &str, args: &[&str]) -> String {
+        use clap::Parser;
+        let mut argv = vec!["entitlectl", "--url", &self.address, "--token", token];
+        argv.extend_from_slice(args);
+        let parsed = entitlectl::Cli::try_parse_from(argv).expect("the arguments parse");
+        let mut out = Vec::new();
+        entitlectl::run(parsed, &mut out)
+            .await
+            .expect("the command succeeds");
+        String::from_utf8(out).expect("the CLI prints text")
+    }
+
     /// Runs a `SELECT count(*) …` and returns the count.
     pub async fn count(&self, sql: &'static str) -> i64 {
         sqlx::query_scalar(sql)

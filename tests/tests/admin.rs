@@ -634,47 +634,35 @@ async fn a_revoke_racing_a_redemption_ends_with_exactly_one_applied_every_time()
     }
 }
 
-async fn cli(app: &TestApp, token: &str, args: &[&str]) -> String {
-    use clap::Parser;
-    let mut argv = vec!["entitlectl", "--url", &app.address, "--token", token];
-    argv.extend_from_slice(args);
-    let parsed = entitlectl::Cli::try_parse_from(argv).expect("the arguments parse");
-    let mut out = Vec::new();
-    entitlectl::run(parsed, &mut out)
-        .await
-        .expect("the command succeeds");
-    String::from_utf8(out).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_cli_round_trips_create_look_up_reissue_and_resend() {
     let app = TestApp::spawn().await;
     let token = app.token(Role::Operator).await;
 
-    let created = cli(
-        &app,
-        &token,
-        &[
-            "--json",
-            "batch",
-            "create",
-            "--product",
-            "KIT-BASIC",
-            "--quantity",
-            "1",
-            "--kind",
-            "customer_service",
-            "--reason",
-            "kit arrived broken",
-            "--email",
-            "cara@example.com",
-        ],
-    )
-    .await;
+    let created = app
+        .cli(
+            &token,
+            &[
+                "--json",
+                "batch",
+                "create",
+                "--product",
+                "KIT-BASIC",
+                "--quantity",
+                "1",
+                "--kind",
+                "customer_service",
+                "--reason",
+                "kit arrived broken",
+                "--email",
+                "cara@example.com",
+            ],
+        )
+        .await;
     let created: Value = serde_json::from_str(&created).unwrap();
     let code = app.mails(1).await[0].codes()[0].clone();
 
-    let shown = cli(&app, &token, &["code", "lookup", &code]).await;
+    let shown = app.cli(&token, &["code", "lookup", &code]).await;
     assert!(
         shown.contains(&code[15..]) && shown.contains("issued"),
         "{shown}"
@@ -684,14 +672,12 @@ async fn the_cli_round_trips_create_look_up_reissue_and_resend() {
         "tables show the last four symbols only"
     );
     let found: Value =
-        serde_json::from_str(&cli(&app, &token, &["--json", "code", "lookup", &code]).await)
-            .unwrap();
+        serde_json::from_str(&app.cli(&token, &["--json", "code", "lookup", &code]).await).unwrap();
     assert_eq!(found["origin"]["batch_id"], created["id"]);
 
     let id = found["id"].as_str().unwrap();
     let reissued: Value = serde_json::from_str(
-        &cli(
-            &app,
+        &app.cli(
             &token,
             &[
                 "--json",
@@ -717,12 +703,12 @@ async fn the_cli_round_trips_create_look_up_reissue_and_resend() {
     assert_ne!(replacement, code);
 
     let delivery = reissued["delivery"].as_str().unwrap();
-    let resent = cli(
-        &app,
-        &token,
-        &["resend", delivery, "--reason", "customer asked again"],
-    )
-    .await;
+    let resent = app
+        .cli(
+            &token,
+            &["resend", delivery, "--reason", "customer asked again"],
+        )
+        .await;
     assert!(resent.contains("cara.c@example.com"), "{resent}");
     let mails = app.mails(3).await;
     assert_eq!(
@@ -733,17 +719,17 @@ async fn the_cli_round_trips_create_look_up_reissue_and_resend() {
         2
     );
 
-    let chain = cli(
-        &app,
-        &token,
-        &[
-            "--json",
-            "code",
-            "show",
-            reissued["code"]["id"].as_str().unwrap(),
-        ],
-    )
-    .await;
+    let chain = app
+        .cli(
+            &token,
+            &[
+                "--json",
+                "code",
+                "show",
+                reissued["code"]["id"].as_str().unwrap(),
+            ],
+        )
+        .await;
     let chain: Value = serde_json::from_str(&chain).unwrap();
     assert_eq!(
         chain["reissue_chain"].as_array().unwrap().len(),
@@ -751,6 +737,8 @@ async fn the_cli_round_trips_create_look_up_reissue_and_resend() {
         "the replacement links to the code it replaced"
     );
     assert_eq!(chain["replaces"], id);
-    let audit = cli(&app, &token, &["audit", "--action", "code.reissued"]).await;
+    let audit = app
+        .cli(&token, &["audit", "--action", "code.reissued"])
+        .await;
     assert!(audit.contains("typo in address"), "{audit}");
 }

@@ -124,6 +124,30 @@ async fn purchased(app: &TestApp, channel: Channel, sale: &Sale) {
     assert_eq!(channel.purchase(app, sale).await.status(), 200);
 }
 
+/// Five one-kit orders, fulfilled and listed by the channel as they are
+/// (`{prefix}-0` … `{prefix}-4`).
+async fn five_fulfilled_and_listed(
+    app: &TestApp,
+    api: &ChannelApi,
+    channel: Channel,
+    prefix: &str,
+) -> Vec<Sale> {
+    let sales: Vec<Sale> = (0..5)
+        .map(|n| {
+            Sale::new(
+                &format!("{prefix}-{n}"),
+                "pages@example.com",
+                &[(Product::Kit, 1)],
+            )
+        })
+        .collect();
+    for sale in &sales {
+        purchased(app, channel, sale).await;
+        list(api, channel, sale, |_| {});
+    }
+    sales
+}
+
 async fn deliveries_settled(app: &TestApp) {
     app.wait_count(
         "SELECT count(*) FROM email_delivery WHERE status IN ('pending', 'sending')",
@@ -432,19 +456,7 @@ async fn a_clean_window_yields_no_findings_on_any_channel() {
 async fn stripe_pages_are_followed_through_a_429_and_a_500() {
     let app = TestApp::spawn().await;
     let api = ChannelApi::mount(&app.stripe, PAGE).await;
-    let sales: Vec<Sale> = (0..5)
-        .map(|n| {
-            Sale::new(
-                &format!("pg-{n}"),
-                "pages@example.com",
-                &[(Product::Kit, 1)],
-            )
-        })
-        .collect();
-    for sale in &sales {
-        purchased(&app, Channel::Stripe, sale).await;
-        list(&api, Channel::Stripe, sale, |_| {});
-    }
+    five_fulfilled_and_listed(&app, &api, Channel::Stripe, "pg").await;
     app.events_settled(5).await;
     // Page two is refused once with 429 and a Retry-After, page three
     // fails once with a 500.
@@ -498,19 +510,7 @@ async fn stripe_pages_are_followed_through_a_429_and_a_500() {
 async fn shopify_link_pages_are_followed_through_a_429_a_500_and_a_full_bucket() {
     let app = TestApp::spawn().await;
     let api = ChannelApi::mount(&app.stripe, PAGE).await;
-    let sales: Vec<Sale> = (0..5)
-        .map(|n| {
-            Sale::new(
-                &format!("spg-{n}"),
-                "pages@example.com",
-                &[(Product::Kit, 1)],
-            )
-        })
-        .collect();
-    for sale in &sales {
-        purchased(&app, Channel::Shopify, sale).await;
-        list(&api, Channel::Shopify, sale, |_| {});
-    }
+    let sales = five_fulfilled_and_listed(&app, &api, Channel::Shopify, "spg").await;
     app.events_settled(5).await;
     Mock::given(method("GET"))
         .and(path(SHOPIFY_ORDERS_PATH))
@@ -734,7 +734,7 @@ async fn operators_start_a_run_and_review_its_report_through_the_api_and_cli() {
     );
 
     // The CLI: a readable summary, and the same CSV.
-    let summary = cli(&app, &support, &["reconcile", "show", &run]).await;
+    let summary = app.cli(&support, &["reconcile", "show", &run]).await;
     for expected in [
         "of stripe: finished",
         "2 channel order(s)",
@@ -744,7 +744,9 @@ async fn operators_start_a_run_and_review_its_report_through_the_api_and_cli() {
     ] {
         assert!(summary.contains(expected), "{expected} in {summary}");
     }
-    let exported = cli(&app, &support, &["findings", "export", "--run", &run]).await;
+    let exported = app
+        .cli(&support, &["findings", "export", "--run", &run])
+        .await;
     assert_eq!(exported.lines().count(), 3, "{exported}");
 
     // Resolving takes a reason and is audited.
@@ -774,18 +776,6 @@ async fn operators_start_a_run_and_review_its_report_through_the_api_and_cli() {
             .await,
         1
     );
-}
-
-async fn cli(app: &TestApp, token: &str, args: &[&str]) -> String {
-    use clap::Parser;
-    let mut argv = vec!["entitlectl", "--url", &app.address, "--token", token];
-    argv.extend_from_slice(args);
-    let parsed = entitlectl::Cli::try_parse_from(argv).expect("the arguments parse");
-    let mut out = Vec::new();
-    entitlectl::run(parsed, &mut out)
-        .await
-        .expect("the command succeeds");
-    String::from_utf8(out).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
