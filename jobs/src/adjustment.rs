@@ -2,7 +2,7 @@
 //! to the order's codes when the order is issued (at once, or when a late
 //! purchase arrives), revoking unredeemed codes and flagging redeemed ones.
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use serde_json::json;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
@@ -10,9 +10,11 @@ use uuid::Uuid;
 use crate::{
     audit::{self, AuditEvent},
     command::{AdjustedLine, Adjustment, AdjustmentScope},
+    delivery::{self, CodeSelection, NewDelivery},
     error::JobError,
     finding::{self, NewFinding},
-    issuance::{self, CodeSelection, IssueSettings, NewDelivery},
+    inbox,
+    issuance::{self, IssueSettings},
 };
 
 /// Whether money came back, or the order was called off.
@@ -32,19 +34,29 @@ impl Kind {
 }
 
 /// Records the adjustment carried by inbox event `inbox_id` and applies it if
-/// its order is already issued. Returns deliveries to enqueue (revocation
-/// notices, when configured).
+/// its order is already issued. Returns the deliveries it created
+/// (revocation notices, when configured).
 pub async fn record(
     pool: &PgPool,
     settings: &IssueSettings<'_>,
     inbox_id: Uuid,
     kind: Kind,
     adjustment: &Adjustment,
-) -> Result<Vec<(Uuid, DateTime<Utc>)>, JobError> {
+) -> Result<Vec<Uuid>, JobError> {
     let mut tx = pool.begin().await?;
-    if !issuance::lock_pending_event(&mut tx, inbox_id).await? {
+    if !inbox::lock_pending(&mut tx, inbox_id).await? {
         return Ok(Vec::new());
     }
+    // An issuance of the same order waits for this, or this for it: one of
+    // the two sees the other (see `issuance::lock_order_keys`).
+    issuance::lock_order_keys(
+        &mut tx,
+        &[issuance::order_key(
+            &adjustment.channel,
+            &adjustment.order_key,
+        )],
+    )
+    .await?;
     let (scope, lines, amount) = match &adjustment.scope {
         AdjustmentScope::Full => ("full", json!([]), None),
         AdjustmentScope::Lines { lines } => ("lines", json!(lines), None),
@@ -89,19 +101,19 @@ pub async fn record(
         // The purchase has not been fulfilled yet: issuance applies it.
         _ => format!("{} recorded; waits for its order", kind.as_str()),
     };
-    issuance::mark_processed(&mut tx, inbox_id, order.map(|(id, _)| id), &detail).await?;
+    inbox::mark_processed(&mut tx, inbox_id, order.map(|(id, _)| id), &detail).await?;
     tx.commit().await?;
     tracing::info!(%inbox_id, key = %adjustment.adjustment_key, %detail, "adjustment processed");
     Ok(deliveries)
 }
 
-/// Applies every unapplied adjustment of an issued order (whose row the
-/// caller holds locked). Returns revocation notices to enqueue.
+/// Applies every unapplied adjustment of an issued order (whose keys the
+/// caller holds locked). Returns the revocation notices it created.
 pub(crate) async fn apply_pending(
     conn: &mut PgConnection,
     settings: &IssueSettings<'_>,
     order_id: Uuid,
-) -> sqlx::Result<Vec<(Uuid, DateTime<Utc>)>> {
+) -> sqlx::Result<Vec<Uuid>> {
     let order = sqlx::query(
         "SELECT channel, channel_order_id, payment_reference, amount_total, state,
                 COALESCE(gift_recipient_email, buyer_email) AS holder,
@@ -193,10 +205,8 @@ pub(crate) async fn apply_pending(
             codes: CodeSelection::These(revoked),
             requested_by: None,
         };
-        if let Some(id) =
-            issuance::create_delivery(conn, &notice, settings.message_id_domain).await?
-        {
-            deliveries.push((id, now));
+        if let Some(id) = delivery::create(conn, &notice, settings.message_id_domain).await? {
+            deliveries.push(id);
         }
     }
     Ok(deliveries)

@@ -46,19 +46,61 @@ pub async fn record_many(
     subject_type: &str,
     subjects: &[(String, Value)],
 ) -> sqlx::Result<()> {
+    record_many_with_reason(conn, actor, action, subject_type, None, subjects).await
+}
+
+/// [`record_many`], every event with the same reason.
+pub async fn record_many_with_reason(
+    conn: &mut PgConnection,
+    actor: &str,
+    action: &str,
+    subject_type: &str,
+    reason: Option<&str>,
+    subjects: &[(String, Value)],
+) -> sqlx::Result<()> {
     if subjects.is_empty() {
         return Ok(());
     }
     let ids: Vec<&str> = subjects.iter().map(|(id, _)| id.as_str()).collect();
     let data: Vec<&Value> = subjects.iter().map(|(_, d)| d).collect();
     sqlx::query(
-        "INSERT INTO audit_event (actor, action, subject_type, subject_id, data)
-         SELECT $1, $2, $3, s.id, s.data FROM UNNEST($4::text[], $5::jsonb[]) AS s(id, data)",
+        "INSERT INTO audit_event (actor, action, subject_type, subject_id, reason, data)
+         SELECT $1, $2, $3, s.id, $6, s.data FROM UNNEST($4::text[], $5::jsonb[]) AS s(id, data)",
     )
     .bind(actor)
     .bind(action)
     .bind(subject_type)
     .bind(&ids)
+    .bind(&data)
+    .bind(reason)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Writes any events, in order, in one statement.
+pub async fn record_all(conn: &mut PgConnection, events: &[AuditEvent<'_>]) -> sqlx::Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let actors: Vec<&str> = events.iter().map(|e| e.actor).collect();
+    let actions: Vec<&str> = events.iter().map(|e| e.action).collect();
+    let types: Vec<&str> = events.iter().map(|e| e.subject_type).collect();
+    let ids: Vec<&str> = events.iter().map(|e| e.subject_id.as_str()).collect();
+    let reasons: Vec<Option<&str>> = events.iter().map(|e| e.reason).collect();
+    let data: Vec<&Value> = events.iter().map(|e| &e.data).collect();
+    sqlx::query(
+        "INSERT INTO audit_event (actor, action, subject_type, subject_id, reason, data)
+         SELECT e.actor, e.action, e.subject_type, e.subject_id, e.reason, e.data
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[])
+              WITH ORDINALITY AS e(actor, action, subject_type, subject_id, reason, data, n)
+         ORDER BY e.n",
+    )
+    .bind(&actors)
+    .bind(&actions)
+    .bind(&types)
+    .bind(&ids)
+    .bind(&reasons)
     .bind(&data)
     .execute(conn)
     .await?;

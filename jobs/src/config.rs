@@ -12,6 +12,8 @@ use figment::{
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use crate::retry::RetryPolicy;
+
 /// The defaults, compiled in so a binary runs without the repository beside it.
 pub const DEFAULT_TOML: &str = include_str!("../../ops/entitle.default.toml");
 
@@ -46,13 +48,12 @@ pub struct ReconcileConfig {
 /// `[schedule]`
 #[derive(Debug, Clone, Deserialize)]
 pub struct ScheduleConfig {
-    pub requeue: String,
+    pub housekeeping: String,
     pub expire: String,
     pub prune: String,
     pub remind: String,
     pub reconcile: String,
     pub remind_days_before: u32,
-    pub requeue_after_secs: u64,
     pub batch_size: u32,
     pub retention_days: u32,
     pub finished_jobs_retention_secs: u64,
@@ -82,14 +83,24 @@ pub struct GatewayConfig {
 /// `[worker]`
 #[derive(Debug, Clone, Deserialize)]
 pub struct WorkerConfig {
+    /// Jobs (each a batch) run at once per queue per process.
     pub concurrency: usize,
     pub poll_interval_ms: u64,
-    pub retry_attempts: usize,
+    /// Events or deliveries per job.
+    pub batch_size: u32,
+    /// Jobs waiting in Redis per queue, at most.
+    pub window: u32,
+    pub feed_interval_ms: u64,
+    pub lease_secs: u64,
+    /// Attempts at a webhook event before it fails for good.
+    pub max_attempts: i32,
     pub retry_min_backoff_ms: u64,
     pub retry_max_backoff_ms: u64,
     /// Where the worker serves `/metrics`; empty for nowhere.
     pub metrics_listen: String,
     pub issue_batch_size: u32,
+    /// Units one order may have; an order above it fails as `order_too_large`.
+    pub max_units_per_order: u32,
 }
 
 /// `[codes]`
@@ -144,6 +155,12 @@ pub struct EmailConfig {
     pub templates_dir: String,
     pub bulk_threshold: u32,
     pub notify_revocations: bool,
+    /// SMTP connections kept open per process (and messages sent at once).
+    pub smtp_connections: u32,
+    /// Attempts at an email before it fails for good, and the longest wait
+    /// between two.
+    pub max_attempts: i32,
+    pub retry_max_backoff_secs: u64,
 }
 
 /// A configuration that cannot be used, naming the key at fault.
@@ -211,8 +228,38 @@ impl Config {
         if self.worker.poll_interval_ms == 0 {
             return Err(invalid("worker.poll_interval_ms", "must be at least 1"));
         }
-        if self.worker.concurrency == 0 {
-            return Err(invalid("worker.concurrency", "must be at least 1"));
+        for (key, value) in [
+            ("worker.concurrency", self.worker.concurrency as u64),
+            ("worker.batch_size", u64::from(self.worker.batch_size)),
+            ("worker.window", u64::from(self.worker.window)),
+            ("worker.feed_interval_ms", self.worker.feed_interval_ms),
+            (
+                "worker.max_units_per_order",
+                u64::from(self.worker.max_units_per_order),
+            ),
+            (
+                "email.smtp_connections",
+                u64::from(self.email.smtp_connections),
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if self.worker.lease_secs < 2 {
+            return Err(invalid("worker.lease_secs", "must be at least 2"));
+        }
+        if self.worker.max_units_per_order > i32::MAX as u32 {
+            return Err(invalid(
+                "worker.max_units_per_order",
+                format!("must be at most {}", i32::MAX),
+            ));
+        }
+        if self.worker.max_attempts < 1 || self.email.max_attempts < 1 {
+            return Err(invalid(
+                "worker.max_attempts",
+                "worker.max_attempts and email.max_attempts must be at least 1",
+            ));
         }
         if self.worker.retry_min_backoff_ms == 0
             || self.worker.retry_min_backoff_ms > self.worker.retry_max_backoff_ms
@@ -243,7 +290,7 @@ impl Config {
             ));
         }
         for (key, cron) in [
-            ("schedule.requeue", &self.schedule.requeue),
+            ("schedule.housekeeping", &self.schedule.housekeeping),
             ("schedule.expire", &self.schedule.expire),
             ("schedule.prune", &self.schedule.prune),
             ("schedule.remind", &self.schedule.remind),
@@ -311,12 +358,28 @@ impl Config {
         key_bytes(&self.codes.seal_key, "codes.seal_key").expect("validated at load")
     }
 
-    /// Backoff bounds for in-process retries.
-    pub fn retry_backoff(&self) -> (Duration, Duration) {
-        (
-            Duration::from_millis(self.worker.retry_min_backoff_ms),
-            Duration::from_millis(self.worker.retry_max_backoff_ms),
-        )
+    /// How failed webhook events are retried.
+    pub fn event_retries(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.worker.max_attempts,
+            min_backoff: Duration::from_millis(self.worker.retry_min_backoff_ms),
+            max_backoff: Duration::from_millis(self.worker.retry_max_backoff_ms),
+        }
+    }
+
+    /// How failed emails are retried: from the same first wait, for longer.
+    pub fn delivery_retries(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.email.max_attempts,
+            min_backoff: Duration::from_millis(self.worker.retry_min_backoff_ms),
+            max_backoff: Duration::from_secs(self.email.retry_max_backoff_secs)
+                .max(Duration::from_millis(self.worker.retry_min_backoff_ms)),
+        }
+    }
+
+    /// How long fed or claimed work stays leased.
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs(self.worker.lease_secs)
     }
 }
 

@@ -1,36 +1,52 @@
 //! The shared handles every job and request works with.
 
+use std::{ops::Deref, sync::Arc};
+
 use sqlx::PgPool;
 
 use crate::{
     catalogue::Catalogue, channel::stripe::StripeApi, code::CodeKeys, config::Config, db,
-    email::Mailer, queue::Queues,
+    email::Mailer,
 };
 
-/// Connections and clients built once per process from the configuration.
+/// Connections and clients built once per process from the configuration,
+/// behind one `Arc`: every request and job clones its context, and that must
+/// cost a reference count, not a copy of the configuration and templates.
+///
+/// Redis is not among them: only the worker's queues use it (see
+/// [`crate::queue::Queues`]), so the gateway answers whatever Redis does.
 #[derive(Debug, Clone)]
-pub struct Context {
+pub struct Context(Arc<Shared>);
+
+/// What a [`Context`] holds.
+#[derive(Debug)]
+pub struct Shared {
     pub config: Config,
     pub pool: PgPool,
-    pub queues: Queues,
     pub keys: CodeKeys,
     pub stripe: StripeApi,
     pub mailer: Mailer,
 }
 
+impl Deref for Context {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
 impl Context {
-    /// Connects to Postgres and Redis and builds the clients.
+    /// Connects to Postgres and builds the clients.
     pub async fn connect(config: Config) -> anyhow::Result<Self> {
         let pool = db::connect(&config.database).await?;
-        let queues = Queues::connect(&config.redis).await?;
-        Ok(Self {
+        Ok(Self(Arc::new(Shared {
             keys: CodeKeys::new(config.hash_key(), config.seal_key()),
             stripe: StripeApi::new(&config.stripe)?,
             mailer: Mailer::new(&config.email)?,
             config,
             pool,
-            queues,
-        })
+        })))
     }
 
     /// Applies migrations and loads the catalogue: what a process does before

@@ -1,297 +1,378 @@
-//! Delivery: sends one pending email delivery, exactly once as far as
-//! Postgres can tell, with its stable Message-ID on every attempt.
+//! Email deliveries: the one home of a delivery's state machine.
+//!
+//! ```text
+//! pending ──claimed──▶ sending ──accepted by SMTP──▶ sent
+//!    ▲                    │ ├──refused for good─────▶ failed
+//!    │                    │ └──no code left to send─▶ skipped
+//!    └──retry later───────┘      (and failed once attempts run out)
+//! ```
+//!
+//! A delivery is created once, with its Message-ID fixed then, so every
+//! attempt sends the same message and a message sent twice after a crash
+//! can be recognised as one. A pending delivery is fed to the queue under a
+//! lease (see [`crate::feed`]); the sender claims it by the lease's token.
 
-use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use serde_json::json;
-use sqlx::{PgPool, Row};
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::{
     audit::{self, AuditEvent},
-    code::CodeKeys,
-    email::{Attachment, CodeLine, Mailer, SendError},
-    error::JobError,
+    finding::{self, NewFinding},
+    retry::RetryPolicy,
 };
 
-/// How long a sender holds a delivery; a crashed sender's claim lapses then.
-const CLAIM_SECS: i32 = 300;
-
-/// What an attempt at a delivery did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Attempt {
-    Sent,
-    /// Already sent, failed for good, or held by another sender right now.
-    NothingToDo,
-    /// Not due until then (a gift scheduled for later).
-    NotDue(DateTime<Utc>),
-    /// The server refused the message for good; marked failed.
-    Failed,
+/// Which codes a delivery carries.
+#[derive(Debug, Clone)]
+pub enum CodeSelection {
+    /// None (a receipt).
+    None,
+    /// Every code of the order still issued, in line and unit order.
+    ActiveOfOrder,
+    /// These codes, in this order.
+    These(Vec<Uuid>),
 }
 
-/// Sends delivery `id` if it is due and nobody else holds it.
-pub async fn send(
-    pool: &PgPool,
-    keys: &CodeKeys,
-    mailer: &Mailer,
-    bulk_threshold: usize,
-    id: Uuid,
-) -> Result<Attempt, JobError> {
-    let claimed = sqlx::query(
-        "UPDATE email_delivery
-         SET status = 'sending', attempts = attempts + 1,
-             claimed_until = now() + make_interval(secs => $2)
-         WHERE id = $1 AND send_after <= now()
-           AND (status = 'pending' OR (status = 'sending' AND claimed_until < now()))
-         RETURNING recipient_email, recipient_name, message_id, order_id, kind",
+/// A delivery to create.
+#[derive(Debug, Clone)]
+pub struct NewDelivery<'a> {
+    pub order_id: Option<Uuid>,
+    pub kind: &'a str,
+    pub recipient: &'a str,
+    pub recipient_name: Option<&'a str>,
+    pub send_after: DateTime<Utc>,
+    pub codes: CodeSelection,
+    /// The support or operations actor who asked for it, if anyone did.
+    pub requested_by: Option<&'a str>,
+}
+
+/// The Message-ID a delivery is sent with, on every attempt.
+pub fn message_id(id: Uuid, domain: &str) -> String {
+    format!("<{id}@{domain}>")
+}
+
+/// Creates a pending delivery with a Message-ID fixed now, so every attempt
+/// sends the same message. Returns `None` when it would carry no code though
+/// it should (every code was revoked), or when the order already has its
+/// delivery of this kind. The feeder queues it when it is due.
+pub async fn create(
+    conn: &mut PgConnection,
+    delivery: &NewDelivery<'_>,
+    message_id_domain: &str,
+) -> sqlx::Result<Option<Uuid>> {
+    let id = Uuid::now_v7();
+    let created = sqlx::query(
+        "INSERT INTO email_delivery (id, order_id, kind, recipient_email, recipient_name,
+                                     send_after, due_at, message_id, requested_by)
+         VALUES ($1, $2, $3, $4, $5, $6, $6, $7, $8)
+         ON CONFLICT DO NOTHING",
     )
     .bind(id)
-    .bind(f64::from(CLAIM_SECS))
-    .fetch_optional(pool)
-    .await?;
-    let Some(row) = claimed else {
-        // Still pending means not due when the claim ran (it may be due by
-        // now): the caller schedules it again, so it is never left behind.
-        let pending: Option<DateTime<Utc>> = sqlx::query_scalar(
-            "SELECT send_after FROM email_delivery WHERE id = $1 AND status = 'pending'",
+    .bind(delivery.order_id)
+    .bind(delivery.kind)
+    .bind(delivery.recipient)
+    .bind(delivery.recipient_name)
+    .bind(delivery.send_after)
+    .bind(message_id(id, message_id_domain))
+    .bind(delivery.requested_by)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if created == 0 {
+        return Ok(None);
+    }
+    let carried = match &delivery.codes {
+        CodeSelection::None => 0,
+        // The lines are looked up first so the codes are found by their
+        // line's index whatever the planner thinks of the table's size.
+        CodeSelection::ActiveOfOrder => sqlx::query(
+            "INSERT INTO email_delivery_code (delivery_id, code_id, position)
+             SELECT $1, c.id, (row_number() OVER (ORDER BY l.line_index, c.unit_index))::int4
+             FROM order_line l JOIN activation_code c ON c.order_line_id = l.id
+             WHERE l.order_id = $2
+               AND c.order_line_id = ANY(ARRAY(SELECT id FROM order_line WHERE order_id = $2))
+               AND c.state = 'issued'",
         )
         .bind(id)
-        .fetch_optional(pool)
-        .await?;
-        return Ok(pending.map_or(Attempt::NothingToDo, Attempt::NotDue));
-    };
-    tracing::debug!(delivery = %id, "delivery claimed");
-    let recipient: String = row.get("recipient_email");
-    let recipient_name: Option<String> = row.get("recipient_name");
-    let message_id: String = row.get("message_id");
-    let order_id: Option<Uuid> = row.get("order_id");
-    let kind: String = row.get("kind");
-
-    let to = match recipient.parse() {
-        Ok(address) => lettre::message::Mailbox::new(recipient_name, address),
-        Err(e) => {
-            let detail = format!("recipient address {recipient:?} is not valid: {e}");
-            fail(pool, id, order_id, &detail).await?;
-            return Ok(Attempt::Failed);
-        }
-    };
-    let letter = match build_letter(
-        pool,
-        keys,
-        mailer,
-        bulk_threshold,
-        Addressed {
-            id,
-            kind: &kind,
-            order_id,
-            to,
-            message_id: &message_id,
-        },
-    )
-    .await
-    {
-        Ok(letter) => letter,
-        Err(e) => {
-            let detail = format!("{e:#}");
-            release(pool, id, &detail).await?;
-            return Err(JobError::Transient(e));
-        }
-    };
-
-    tracing::debug!(delivery = %id, "sending");
-    match mailer.send(letter).await {
-        Ok(reply) => {
-            let mut tx = pool.begin().await?;
+        .bind(delivery.order_id)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected(),
+        CodeSelection::These(codes) => {
+            let positions: Vec<i32> = (0..codes.len() as i32).collect();
             sqlx::query(
-                "UPDATE email_delivery SET status = 'sent', sent_at = now(), claimed_until = NULL,
-                        provider_response = $2, last_error = NULL
-                 WHERE id = $1",
+                "INSERT INTO email_delivery_code (delivery_id, code_id, position)
+                 SELECT $1, c.id, c.position FROM UNNEST($2::uuid[], $3::int4[]) AS c(id, position)",
             )
             .bind(id)
-            .bind(&reply)
-            .execute(&mut *tx)
+            .bind(codes)
+            .bind(&positions)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected()
+        }
+    };
+    if carried == 0 && !matches!(delivery.codes, CodeSelection::None) {
+        // Nothing left to send (an early refund revoked every code).
+        sqlx::query("DELETE FROM email_delivery WHERE id = $1")
+            .bind(id)
+            .execute(&mut *conn)
             .await?;
-            audit::record(
-                &mut tx,
-                AuditEvent {
-                    actor: audit::WORKER,
-                    action: "delivery.sent",
-                    subject_type: "delivery",
-                    subject_id: id.to_string(),
-                    reason: None,
-                    data: json!({ "order": order_id, "message_id": message_id, "reply": reply }),
-                },
-            )
-            .await?;
-            tx.commit().await?;
-            metrics::counter!("entitle_emails_sent_total").increment(1);
-            tracing::info!(delivery = %id, "email sent");
-            Ok(Attempt::Sent)
-        }
-        Err(SendError::Permanent(detail)) => {
-            fail(pool, id, order_id, &detail).await?;
-            Ok(Attempt::Failed)
-        }
-        Err(SendError::Transient(detail)) => {
-            release(pool, id, &detail).await?;
-            metrics::counter!("entitle_email_attempts_failed_total").increment(1);
-            Err(JobError::Transient(anyhow::anyhow!(detail)))
-        }
+        return Ok(None);
     }
-}
-
-/// Marks a claimed delivery as failed for good, with its audit event.
-async fn fail(pool: &PgPool, id: Uuid, order_id: Option<Uuid>, detail: &str) -> sqlx::Result<()> {
-    let mut tx = pool.begin().await?;
-    sqlx::query(
-        "UPDATE email_delivery SET status = 'failed', claimed_until = NULL, last_error = $2
-         WHERE id = $1",
-    )
-    .bind(id)
-    .bind(detail)
-    .execute(&mut *tx)
-    .await?;
+    if delivery.requested_by.is_some() {
+        // The support action that asked for it writes the audit event.
+        return Ok(Some(id));
+    }
     audit::record(
-        &mut tx,
+        conn,
         AuditEvent {
             actor: audit::WORKER,
-            action: "delivery.failed",
+            action: "delivery.created",
             subject_type: "delivery",
             subject_id: id.to_string(),
-            reason: Some(detail),
-            data: json!({ "order": order_id }),
+            reason: None,
+            data: json!({
+                "order": delivery.order_id,
+                "kind": delivery.kind,
+                "codes": carried,
+                "send_after": delivery.send_after,
+            }),
         },
     )
     .await?;
-    tx.commit().await?;
-    metrics::counter!("entitle_emails_failed_total").increment(1);
-    tracing::warn!(delivery = %id, %detail, "email failed permanently");
-    Ok(())
+    Ok(Some(id))
 }
 
-/// Gives a claimed delivery back so the next attempt can take it at once.
-async fn release(pool: &PgPool, id: Uuid, detail: &str) -> sqlx::Result<()> {
-    sqlx::query(
-        "UPDATE email_delivery SET status = 'pending', claimed_until = NULL, last_error = $2
-         WHERE id = $1 AND status = 'sending'",
+/// A delivery claimed for sending.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Claimed {
+    pub id: Uuid,
+    pub kind: String,
+    pub order_id: Option<Uuid>,
+    pub recipient_email: String,
+    pub recipient_name: Option<String>,
+    pub message_id: String,
+    /// Attempts so far, this one included.
+    pub attempts: i32,
+}
+
+/// Claims the deliveries among `ids` fed under `token` that are due and not
+/// sent: they become `sending`, an attempt is counted, and the lease is
+/// renewed for `lease`.
+pub async fn claim(
+    pool: &PgPool,
+    token: Uuid,
+    ids: &[Uuid],
+    lease: std::time::Duration,
+) -> sqlx::Result<Vec<Claimed>> {
+    let mut claimed: Vec<Claimed> = sqlx::query_as(
+        "UPDATE email_delivery
+         SET status = 'sending', attempts = attempts + 1,
+             leased_until = now() + make_interval(secs => $3)
+         WHERE id = ANY($1) AND lease_token = $2 AND status IN ('pending', 'sending')
+           AND due_at <= now()
+         RETURNING id, kind, order_id, recipient_email, recipient_name, message_id, attempts",
+    )
+    .bind(ids)
+    .bind(token)
+    .bind(lease.as_secs_f64())
+    .fetch_all(pool)
+    .await?;
+    claimed.sort_by_key(|c| c.id);
+    Ok(claimed)
+}
+
+/// Records that the SMTP server accepted a delivery: one statement, so the
+/// window in which a crash could send it again stays as short as it can be.
+pub async fn mark_sent(pool: &PgPool, id: Uuid, reply: &str) -> sqlx::Result<bool> {
+    let marked = sqlx::query(
+        "WITH sent AS (
+             UPDATE email_delivery
+             SET status = 'sent', sent_at = now(), leased_until = NULL, lease_token = NULL,
+                 provider_response = $2, last_error = NULL, error_code = NULL
+             WHERE id = $1 AND status = 'sending'
+             RETURNING id, order_id, message_id)
+         INSERT INTO audit_event (actor, action, subject_type, subject_id, data)
+         SELECT $3, 'delivery.sent', 'delivery', id::text,
+                jsonb_build_object('order', order_id, 'message_id', message_id, 'reply', $2::text)
+         FROM sent",
     )
     .bind(id)
-    .bind(detail)
+    .bind(reply)
+    .bind(audit::WORKER)
     .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(marked == 1)
+}
+
+/// Records that a claimed delivery had nothing left to send (every code it
+/// carried was revoked, expired or redeemed before it was due).
+pub async fn skip(pool: &PgPool, id: Uuid, why: &str) -> sqlx::Result<()> {
+    let mut tx = pool.begin().await?;
+    let order: Option<Option<Uuid>> = sqlx::query_scalar(
+        "UPDATE email_delivery
+         SET status = 'skipped', leased_until = NULL, lease_token = NULL, last_error = $2,
+             error_code = 'no_live_codes'
+         WHERE id = $1 AND status = 'sending' RETURNING order_id",
+    )
+    .bind(id)
+    .bind(why)
+    .fetch_optional(&mut *tx)
     .await?;
-    Ok(())
+    if let Some(order) = order {
+        audit::record(
+            &mut tx,
+            AuditEvent {
+                actor: audit::WORKER,
+                action: "delivery.skipped",
+                subject_type: "delivery",
+                subject_id: id.to_string(),
+                reason: Some(why),
+                data: json!({ "order": order }),
+            },
+        )
+        .await?;
+    }
+    tx.commit().await
 }
 
-/// Who and what a delivery is.
-struct Addressed<'a> {
-    id: Uuid,
-    kind: &'a str,
-    order_id: Option<Uuid>,
-    to: lettre::message::Mailbox,
-    message_id: &'a str,
+/// Why a claimed delivery was not sent.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    pub id: Uuid,
+    /// Stable code: `smtp_unavailable`, `recipient_refused`,
+    /// `recipient_invalid`, `template_failed`, `code_unsealable`, ...
+    pub code: &'static str,
+    pub detail: String,
+    /// Attempts so far, the failed one included.
+    pub attempts: i32,
 }
 
-/// Renders a delivery: its codes (unsealed only here, never logged), as a
-/// list or, above `bulk_threshold`, as a CSV attachment.
-async fn build_letter(
+/// Ends claimed deliveries as `failed`, each with its audit event and a
+/// `delivery_failed` finding for operations.
+pub async fn fail(pool: &PgPool, problems: &[Problem]) -> sqlx::Result<()> {
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let mut tx = pool.begin().await?;
+    for problem in problems {
+        let failed: Option<(Option<Uuid>, String, Option<String>)> = sqlx::query_as(
+            "UPDATE email_delivery d
+             SET status = 'failed', leased_until = NULL, lease_token = NULL, last_error = $2,
+                 error_code = $3
+             WHERE d.id = $1 AND d.status IN ('pending', 'sending')
+             RETURNING d.order_id, d.kind,
+                       (SELECT o.channel FROM orders o WHERE o.id = d.order_id)",
+        )
+        .bind(problem.id)
+        .bind(&problem.detail)
+        .bind(problem.code)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((order_id, kind, channel)) = failed else {
+            continue;
+        };
+        audit::record(
+            &mut tx,
+            AuditEvent {
+                actor: audit::WORKER,
+                action: "delivery.failed",
+                subject_type: "delivery",
+                subject_id: problem.id.to_string(),
+                reason: Some(&problem.detail),
+                data: json!({ "order": order_id, "error_code": problem.code }),
+            },
+        )
+        .await?;
+        finding::record(
+            &mut tx,
+            audit::WORKER,
+            NewFinding {
+                kind: "delivery_failed",
+                order_id,
+                code_id: None,
+                channel: channel.as_deref(),
+                channel_reference: None,
+                detail: format!(
+                    "the {kind} email (delivery {}) failed for good after {} attempt(s): {}: {}",
+                    problem.id, problem.attempts, problem.code, problem.detail
+                ),
+                action_taken: None,
+                dedupe_key: format!("delivery_failed:{}", problem.id),
+                run_id: None,
+            },
+        )
+        .await?;
+        metrics::counter!("entitle_emails_failed_total", "code" => problem.code).increment(1);
+        tracing::warn!(delivery = %problem.id, code = problem.code, detail = %problem.detail,
+            "email failed for good");
+    }
+    tx.commit().await
+}
+
+/// Gives failed attempts back: each delivery is due again after its
+/// backoff, or fails for good once it has used up its attempts.
+pub async fn retry_later(
     pool: &PgPool,
-    keys: &CodeKeys,
-    mailer: &Mailer,
-    bulk_threshold: usize,
-    delivery: Addressed<'_>,
-) -> anyhow::Result<crate::email::Letter> {
-    let rows = sqlx::query(
-        "SELECT c.code_sealed, c.last4, c.expires_at, p.name, p.email_template
-         FROM email_delivery_code dc
-         JOIN activation_code c ON c.id = dc.code_id
-         JOIN product p ON p.id = c.product_id
-         WHERE dc.delivery_id = $1
-         ORDER BY dc.position",
-    )
-    .bind(delivery.id)
-    .fetch_all(pool)
-    .await
-    .context("Failed to load the delivery's codes")?;
-    let mut family = "default".to_owned();
-    let mut codes = Vec::with_capacity(rows.len());
-    for row in rows {
-        let sealed: Vec<u8> = row.get("code_sealed");
-        let expires_at: DateTime<Utc> = row.get("expires_at");
-        family = row.get("email_template");
-        codes.push(CodeLine {
-            display: keys.unseal(&sealed)?.display(),
-            last4: row.get("last4"),
-            product: row.get("name"),
-            expires_on: expires_at.format("%Y-%m-%d").to_string(),
-        });
+    problems: &[Problem],
+    policy: &RetryPolicy,
+) -> sqlx::Result<()> {
+    let (again, exhausted): (Vec<&Problem>, Vec<&Problem>) =
+        problems.iter().partition(|p| policy.may_retry(p.attempts));
+    if !again.is_empty() {
+        let ids: Vec<Uuid> = again.iter().map(|p| p.id).collect();
+        let waits: Vec<f64> = again
+            .iter()
+            .map(|p| policy.backoff(p.attempts).as_secs_f64())
+            .collect();
+        let errors: Vec<&str> = again.iter().map(|p| p.detail.as_str()).collect();
+        let codes: Vec<&str> = again.iter().map(|p| p.code).collect();
+        sqlx::query(
+            "UPDATE email_delivery d
+             SET status = 'pending', due_at = now() + make_interval(secs => r.wait),
+                 last_error = r.error, error_code = r.code, leased_until = NULL, lease_token = NULL
+             FROM UNNEST($1::uuid[], $2::float8[], $3::text[], $4::text[]) AS r(id, wait, error, code)
+             WHERE d.id = r.id AND d.status = 'sending'",
+        )
+        .bind(&ids)
+        .bind(&waits)
+        .bind(&errors)
+        .bind(&codes)
+        .execute(pool)
+        .await?;
+        metrics::counter!("entitle_email_attempts_failed_total").increment(again.len() as u64);
     }
-    let order = match delivery.order_id {
-        Some(order_id) => Some(
-            sqlx::query(
-                "SELECT o.buyer_name, o.gift_message, o.gift_recipient_email, o.gift_recipient_name,
-                        o.gift_send_at,
-                        (SELECT count(*) FROM activation_code c JOIN order_line l ON l.id = c.order_line_id
-                         WHERE l.order_id = o.id AND c.state = 'issued') AS active_codes,
-                        (SELECT p.email_template FROM order_line l JOIN product p ON p.id = l.product_id
-                         WHERE l.order_id = o.id ORDER BY l.line_index LIMIT 1) AS family
-                 FROM orders o WHERE o.id = $1",
-            )
-            .bind(order_id)
-            .fetch_one(pool)
-            .await
-            .context("Failed to load the delivery's order")?,
-        ),
-        None => None,
-    };
-    let text = |name: &str| -> Option<String> { order.as_ref().and_then(|o| o.get(name)) };
-    if codes.is_empty() {
-        family = text("family").unwrap_or(family);
+    let exhausted: Vec<Problem> = exhausted
+        .into_iter()
+        .map(|p| Problem {
+            code: "attempts_exhausted",
+            detail: format!(
+                "gave up after {} attempts; last: {}: {}",
+                p.attempts, p.code, p.detail
+            ),
+            ..p.clone()
+        })
+        .collect();
+    if !exhausted.is_empty() {
+        metrics::counter!("entitle_attempts_exhausted_total", "what" => "delivery")
+            .increment(exhausted.len() as u64);
     }
-    let (template, attachment) = match delivery.kind {
-        "gift_receipt" => ("receipt", None),
-        "revocation" => ("revoked", None),
-        "expiry_reminder" => ("reminder", None),
-        _ if codes.len() > bulk_threshold => ("bulk", Some(csv(&codes))),
-        "gift_codes" => ("gift", None),
-        _ => ("codes", None),
-    };
-    let send_at: Option<DateTime<Utc>> = order.as_ref().and_then(|o| o.get("gift_send_at"));
-    let context = minijinja::context! {
-        codes => codes,
-        buyer_name => text("buyer_name"),
-        message => text("gift_message"),
-        gift_recipient_email => text("gift_recipient_email"),
-        gift_recipient_name => text("gift_recipient_name"),
-        code_count => order.as_ref().map_or(0, |o| o.get::<i64, _>("active_codes")),
-        sent => send_at.is_none_or(|t| t <= Utc::now()),
-        send_on => send_at.map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string()),
-    };
-    mailer.letter(
-        &family,
-        template,
-        delivery.to,
-        delivery.message_id,
-        context,
-        attachment,
-    )
+    fail(pool, &exhausted).await
 }
 
-/// The codes as a CSV file: one row per code.
-fn csv(codes: &[CodeLine]) -> Attachment {
-    let mut body = String::with_capacity(codes.len() * 48 + 32);
-    body.push_str("code,product,valid_until\r\n");
-    for code in codes {
-        // Product names are ours, but quote them anyway: they may hold commas.
-        body.push_str(&format!(
-            "{},\"{}\",{}\r\n",
-            code.display,
-            code.product.replace('"', "\"\""),
-            code.expires_on
-        ));
-    }
-    Attachment {
-        filename: "activation-codes.csv".to_owned(),
-        content_type: "text/csv; charset=utf-8",
-        body: body.into_bytes(),
-    }
+/// The SMTP server answers again: emails that were waiting out a backoff
+/// because it did not are due now, instead of whenever their backoff ends.
+/// Returns how many.
+pub async fn retry_waiting_for_smtp(pool: &PgPool) -> sqlx::Result<u64> {
+    Ok(sqlx::query(
+        "UPDATE email_delivery SET due_at = now()
+         WHERE status = 'pending' AND error_code = 'smtp_unavailable' AND due_at > now()
+           AND due_at > send_after",
+    )
+    .execute(pool)
+    .await?
+    .rows_affected())
 }

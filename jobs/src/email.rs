@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use lettre::{
     AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor,
     message::{Mailbox, MultiPart, header::ContentType},
+    transport::smtp::PoolConfig,
 };
 use minijinja::Environment;
 use secrecy::ExposeSecret;
@@ -133,6 +134,10 @@ pub enum SendError {
 #[derive(Clone)]
 pub struct Mailer {
     transport: AsyncSmtpTransport<Tokio1Executor>,
+    /// lettre's pool caps the connections it keeps idle, not the ones it
+    /// opens: every concurrent send beyond them opens one more. This caps
+    /// the messages (so the connections) in flight per process.
+    in_flight: std::sync::Arc<tokio::sync::Semaphore>,
     from: Mailbox,
     redeem_url: String,
     templates: Environment<'static>,
@@ -150,6 +155,8 @@ impl Mailer {
             AsyncSmtpTransport::<Tokio1Executor>::from_url(config.smtp_url.expose_secret())
                 .context("Failed to read email.smtp_url")?
                 .timeout(Some(Duration::from_secs(config.smtp_timeout_secs)))
+                // Connections are reused across messages and batches.
+                .pool_config(PoolConfig::new().max_size(config.smtp_connections))
                 .build();
         let mut templates = Environment::new();
         if config.templates_dir.is_empty() {
@@ -163,6 +170,9 @@ impl Mailer {
         }
         Ok(Self {
             transport,
+            in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                config.smtp_connections as usize,
+            )),
             from: config.from.parse().context("Failed to read email.from")?,
             redeem_url: config.redeem_url.clone(),
             templates,
@@ -233,6 +243,11 @@ impl Mailer {
             .message_id(Some(letter.message_id))
             .multipart(body)
             .map_err(|e| SendError::Permanent(format!("message could not be built: {e}")))?;
+        let _permit = self
+            .in_flight
+            .acquire()
+            .await
+            .map_err(|e| SendError::Transient(e.to_string()))?;
         match self.transport.send(message).await {
             Ok(response) => Ok(format!(
                 "{} {}",

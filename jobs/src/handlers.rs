@@ -1,90 +1,47 @@
 //! The job handlers, independent of the queue that runs them so tests can call
-//! them directly.
+//! them directly. Each takes a batch of ids fed under a lease token, claims
+//! what is still its to do, and records every outcome in Postgres: a job
+//! never fails as a whole, since what it could not finish is retried from
+//! Postgres (by the row's own backoff, or when its lease lapses).
 
-use chrono::{DateTime, Utc};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures::{StreamExt, stream};
 use uuid::Uuid;
 
 use crate::{
     adjustment::{self, Kind},
     channel::{native, shopify, stripe},
-    command::Command,
+    command::{Command, Purchase},
     context::Context,
-    delivery::{self, Attempt},
+    delivery::{self, Problem},
+    email::SendError,
     error::JobError,
-    inbox,
-    issuance::{self, IssueSettings},
+    feed::{self, Work},
+    inbox::{self, Failure, Setback, StoredEvent},
+    issuance::{self, BatchOutcome, IssueSettings},
+    lease::LeaseKeeper,
+    letter::{self, Rendered},
 };
 
-/// Processes one stored webhook event: maps it to a command and carries it
-/// out. Permanent failures are recorded on the event and end the job;
-/// transient ones are noted and returned for a retry.
-pub async fn process_event(ctx: &Context, inbox_id: Uuid) -> Result<(), JobError> {
-    let result = run_event(ctx, inbox_id).await;
-    match &result {
-        Ok(()) => {}
-        Err(JobError::Permanent { code, detail }) => {
-            tracing::warn!(%inbox_id, code, %detail, "webhook event failed permanently");
-            metrics::counter!("entitle_events_failed_total", "code" => *code).increment(1);
-            inbox::finish(&ctx.pool, inbox_id, "failed", Some(code), detail).await?;
-            return Ok(());
-        }
-        Err(JobError::Transient(e)) => {
-            tracing::warn!(%inbox_id, error = format!("{e:#}"), "webhook event will be retried");
-            // Best effort: the database may be what failed.
-            let _ = inbox::note_transient_failure(&ctx.pool, inbox_id, &format!("{e:#}")).await;
-        }
-    }
-    result
+/// Channel API calls (Stripe's line items) made at once per batch.
+const INTERPRET_AT_ONCE: usize = 8;
+
+/// What a batch of events came to.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EventsDone {
+    pub claimed: usize,
+    pub processed: usize,
+    pub failed: usize,
+    pub retrying: usize,
 }
 
-async fn run_event(ctx: &Context, inbox_id: Uuid) -> Result<(), JobError> {
-    let Some(event) = inbox::load(&ctx.pool, inbox_id).await? else {
-        return Err(JobError::permanent("event_missing", "no such inbox event"));
-    };
-    if event.status != "pending" {
-        return Ok(());
-    }
-    let Some(body) = event.body.as_deref() else {
-        return Err(JobError::permanent(
-            "event_pruned",
-            "the event's body was pruned before it was processed",
-        ));
-    };
-    let command = interpret(ctx, &event.channel, &event.event_type, body).await?;
-    let settings = IssueSettings {
+fn settings(ctx: &Context) -> IssueSettings<'_> {
+    IssueSettings {
         message_id_domain: &ctx.config.email.message_id_domain,
         batch_size: ctx.config.worker.issue_batch_size,
         notify_revocations: ctx.config.email.notify_revocations,
-    };
-    let deliveries = match command {
-        Command::Acknowledge { why } => {
-            inbox::finish(&ctx.pool, inbox_id, "ignored", None, &why).await?;
-            Vec::new()
-        }
-        Command::Purchase(purchase) => {
-            issuance::fulfil(&ctx.pool, &ctx.keys, &settings, inbox_id, &purchase)
-                .await?
-                .map(|issued| issued.deliveries)
-                .unwrap_or_default()
-        }
-        Command::Refund(refund) => {
-            adjustment::record(&ctx.pool, &settings, inbox_id, Kind::Refund, &refund).await?
-        }
-        Command::Cancellation(cancellation) => {
-            adjustment::record(
-                &ctx.pool,
-                &settings,
-                inbox_id,
-                Kind::Cancellation,
-                &cancellation,
-            )
-            .await?
-        }
-    };
-    for (delivery, due) in deliveries {
-        enqueue_delivery(ctx, delivery, due).await;
     }
-    Ok(())
 }
 
 /// Maps a channel's event to a command with the channel's adapter.
@@ -105,47 +62,351 @@ pub async fn interpret(
     }
 }
 
-/// Enqueues a delivery for when it is due. If Redis fails the delivery stays
-/// pending in Postgres, where the sweep finds it; nothing is lost.
-pub async fn enqueue_delivery(ctx: &Context, delivery: Uuid, due: DateTime<Utc>) {
-    let result = if due > Utc::now() {
-        ctx.queues.send_delivery_at(delivery, due).await
-    } else {
-        ctx.queues.send_delivery(delivery).await
+/// Interprets a claimed event's stored body.
+async fn interpret_stored(
+    ctx: &Context,
+    event: StoredEvent,
+) -> (StoredEvent, Result<Command, JobError>) {
+    let command = match event.body.as_deref() {
+        Some(body) => interpret(ctx, &event.channel, &event.event_type, body).await,
+        None => Err(JobError::permanent(
+            "event_pruned",
+            "the event's body was pruned before it was processed",
+        )),
     };
-    if let Err(e) = result {
-        tracing::error!(%delivery, error = format!("{e:#}"), "delivery not enqueued");
+    (event, command)
+}
+
+/// Whether a purchase is small enough for the batch path, or too large to
+/// fulfil at all.
+fn check_size(ctx: &Context, purchase: &Purchase) -> Result<bool, JobError> {
+    let units: u64 = purchase.lines.iter().map(|l| u64::from(l.quantity)).sum();
+    let cap = u64::from(ctx.config.worker.max_units_per_order);
+    if units > cap {
+        return Err(JobError::permanent(
+            "order_too_large",
+            format!(
+                "order {} has {units} units; at most {cap} (worker.max_units_per_order) can be issued",
+                purchase.channel_order_id
+            ),
+        ));
+    }
+    Ok(units <= u64::from(ctx.config.worker.issue_batch_size))
+}
+
+/// Sorts what became of each event into the failures and retries to record.
+#[derive(Default)]
+struct Outcomes {
+    failures: Vec<Failure>,
+    setbacks: Vec<Setback>,
+    processed: usize,
+}
+
+impl Outcomes {
+    fn record(&mut self, event: &StoredEvent, result: Result<(), JobError>) {
+        match result {
+            Ok(()) => self.processed += 1,
+            Err(JobError::Permanent { code, detail }) => self.failures.push(Failure {
+                id: event.id,
+                code,
+                detail,
+            }),
+            Err(JobError::Transient(e)) => self.setbacks.push(Setback {
+                id: event.id,
+                attempts: event.attempts,
+                detail: format!("{e:#}"),
+            }),
+        }
     }
 }
 
-/// Sends one email delivery; one that is not due yet is enqueued again for
-/// its time.
-pub async fn send_delivery(ctx: &Context, delivery_id: Uuid) -> Result<Attempt, JobError> {
-    let attempt = delivery::send(
+/// Processes a batch of webhook events fed under `token`: the ordinary
+/// purchases together in one transaction, everything else one by one.
+pub async fn process_events(
+    ctx: &Context,
+    token: Uuid,
+    ids: &[Uuid],
+) -> Result<EventsDone, JobError> {
+    let lease = ctx.config.lease();
+    let events = inbox::claim(&ctx.pool, token, ids, lease).await?;
+    if events.is_empty() {
+        return Ok(EventsDone::default());
+    }
+    let keeper = LeaseKeeper::start(
+        ctx.pool.clone(),
+        Work::Events,
+        token,
+        events.iter().map(|e| e.id).collect(),
+        lease,
+    );
+    let interpreted: Vec<(StoredEvent, Result<Command, JobError>)> = stream::iter(events)
+        .map(|event| interpret_stored(ctx, event))
+        .buffered(INTERPRET_AT_ONCE)
+        .collect()
+        .await;
+    let claimed = interpreted.len();
+    let mut outcomes = Outcomes::default();
+    let mut small = Vec::new();
+    let mut one_by_one = Vec::new();
+    for (event, command) in interpreted {
+        match command {
+            Err(e) => outcomes.record(&event, Err(e)),
+            Ok(Command::Acknowledge { why }) => {
+                let ignored = inbox::ignore(&ctx.pool, event.id, &why).await;
+                outcomes.record(&event, ignored.map_err(JobError::from));
+            }
+            Ok(Command::Purchase(purchase)) => match check_size(ctx, &purchase) {
+                Err(e) => outcomes.record(&event, Err(e)),
+                Ok(true) => small.push((event, purchase)),
+                Ok(false) => one_by_one.push((event, Command::Purchase(purchase))),
+            },
+            Ok(command) => one_by_one.push((event, command)),
+        }
+    }
+    if !small.is_empty() {
+        let batch: Vec<(Uuid, &Purchase)> = small.iter().map(|(e, p)| (e.id, &**p)).collect();
+        match issuance::fulfil_many(&ctx.pool, &ctx.keys, &settings(ctx), &batch).await {
+            Ok(results) => {
+                for (id, outcome) in results {
+                    let Some((event, purchase)) = small.iter().find(|(e, _)| e.id == id) else {
+                        continue;
+                    };
+                    match outcome {
+                        BatchOutcome::Fulfilled(_) | BatchOutcome::AlreadyDone => {
+                            outcomes.record(event, Ok(()))
+                        }
+                        BatchOutcome::Failed(e) => outcomes.record(event, Err(e)),
+                        BatchOutcome::NeedsSinglePath => {
+                            one_by_one.push((event.clone(), Command::Purchase(purchase.clone())))
+                        }
+                    }
+                }
+            }
+            // Some event's data was refused: try each alone to find which.
+            Err(e) if e.is_permanent() => {
+                tracing::info!(error = %e, events = small.len(), "batch refused; trying its events one by one");
+                for (event, purchase) in small {
+                    one_by_one.push((event, Command::Purchase(purchase)));
+                }
+            }
+            Err(e) => {
+                for (event, _) in &small {
+                    outcomes.record(event, Err(JobError::Transient(anyhow::anyhow!("{e}"))));
+                }
+            }
+        }
+    }
+    for (event, command) in one_by_one {
+        let result = carry_out(ctx, &event, command).await;
+        outcomes.record(&event, result);
+    }
+    keeper.stop().await;
+    let done = EventsDone {
+        claimed,
+        processed: outcomes.processed,
+        failed: outcomes.failures.len(),
+        retrying: outcomes.setbacks.len(),
+    };
+    inbox::fail(&ctx.pool, &outcomes.failures).await?;
+    inbox::retry_later(&ctx.pool, &outcomes.setbacks, &ctx.config.event_retries()).await?;
+    tracing::debug!(?done, "event batch done");
+    Ok(done)
+}
+
+/// Carries out one event's command on its own.
+async fn carry_out(ctx: &Context, event: &StoredEvent, command: Command) -> Result<(), JobError> {
+    let settings = settings(ctx);
+    match command {
+        Command::Purchase(purchase) => {
+            issuance::fulfil(&ctx.pool, &ctx.keys, &settings, event.id, &purchase).await?;
+        }
+        Command::Refund(refund) => {
+            adjustment::record(&ctx.pool, &settings, event.id, Kind::Refund, &refund).await?;
+        }
+        Command::Cancellation(cancellation) => {
+            adjustment::record(
+                &ctx.pool,
+                &settings,
+                event.id,
+                Kind::Cancellation,
+                &cancellation,
+            )
+            .await?;
+        }
+        Command::Acknowledge { why } => inbox::ignore(&ctx.pool, event.id, &why).await?,
+    }
+    Ok(())
+}
+
+/// Processes these events now, in this process, if they are ready (a
+/// reconciliation run healing what it found); events leased to the queue are
+/// left to it.
+pub async fn process_now(ctx: &Context, ids: &[Uuid]) -> Result<EventsDone, JobError> {
+    let (token, ready) = feed::lease_now(&ctx.pool, Work::Events, ids, ctx.config.lease()).await?;
+    if ready.is_empty() {
+        return Ok(EventsDone::default());
+    }
+    process_events(ctx, token, &ready).await
+}
+
+/// Whether this process last found the SMTP server unavailable: its next
+/// success brings forward the emails waiting out a backoff because of it.
+static SMTP_FAILING: AtomicBool = AtomicBool::new(false);
+
+/// What a batch of deliveries came to.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveriesDone {
+    pub claimed: usize,
+    pub sent: usize,
+    pub skipped: usize,
+    pub failed: usize,
+    pub retrying: usize,
+}
+
+/// Sends a batch of deliveries fed under `token`, `email.smtp_connections`
+/// at a time; each is marked sent the moment the server accepts it.
+pub async fn send_deliveries(
+    ctx: &Context,
+    token: Uuid,
+    ids: &[Uuid],
+) -> Result<DeliveriesDone, JobError> {
+    let lease = ctx.config.lease();
+    let claimed = delivery::claim(&ctx.pool, token, ids, lease).await?;
+    if claimed.is_empty() {
+        return Ok(DeliveriesDone::default());
+    }
+    let keeper = LeaseKeeper::start(
+        ctx.pool.clone(),
+        Work::Deliveries,
+        token,
+        claimed.iter().map(|c| c.id).collect(),
+        lease,
+    );
+    let mut done = DeliveriesDone {
+        claimed: claimed.len(),
+        ..DeliveriesDone::default()
+    };
+    let rendered = match letter::render_all(
         &ctx.pool,
         &ctx.keys,
         &ctx.mailer,
         ctx.config.email.bulk_threshold as usize,
-        delivery_id,
+        &claimed,
     )
-    .await?;
-    if let Attempt::NotDue(due) = attempt {
-        ctx.queues.send_delivery_at(delivery_id, due).await?;
+    .await
+    {
+        Ok(rendered) => rendered,
+        Err(e) => {
+            keeper.stop().await;
+            let problems: Vec<Problem> = claimed
+                .iter()
+                .map(|c| Problem {
+                    id: c.id,
+                    code: "database_unavailable",
+                    detail: format!("{e:#}"),
+                    attempts: c.attempts,
+                })
+                .collect();
+            delivery::retry_later(&ctx.pool, &problems, &ctx.config.delivery_retries()).await?;
+            done.retrying = problems.len();
+            return Ok(done);
+        }
+    };
+    let mut failures = Vec::new();
+    let mut setbacks = Vec::new();
+    let mut letters = Vec::new();
+    for (delivery, rendered) in claimed.iter().zip(rendered) {
+        match rendered {
+            Rendered::Letter(letter) => letters.push((delivery.clone(), letter)),
+            Rendered::Nothing(why) => {
+                delivery::skip(&ctx.pool, delivery.id, &why).await?;
+                done.skipped += 1;
+            }
+            Rendered::Refused(code, detail) => failures.push(Problem {
+                id: delivery.id,
+                code,
+                detail,
+                attempts: delivery.attempts,
+            }),
+        }
     }
-    Ok(attempt)
+    let connections = ctx.config.email.smtp_connections as usize;
+    let results: Vec<_> = stream::iter(letters)
+        .map(|(delivery, letter)| send_one(ctx, delivery, *letter))
+        .buffer_unordered(connections)
+        .collect()
+        .await;
+    keeper.stop().await;
+    for (delivery, sent, marked) in results {
+        match (sent, marked) {
+            (Ok(_), Some(Ok(_))) => {
+                done.sent += 1;
+                metrics::counter!("entitle_emails_sent_total").increment(1);
+            }
+            // Sent, but not recorded: its claim lapses and it is sent again
+            // (with the same Message-ID).
+            (Ok(_), Some(Err(e))) => {
+                tracing::error!(delivery = %delivery.id, error = %e, "email sent but not recorded")
+            }
+            (Ok(_), None) => {}
+            (Err(SendError::Permanent(detail)), _) => failures.push(Problem {
+                id: delivery.id,
+                code: "recipient_refused",
+                detail,
+                attempts: delivery.attempts,
+            }),
+            (Err(SendError::Transient(detail)), _) => setbacks.push(Problem {
+                id: delivery.id,
+                code: "smtp_unavailable",
+                detail,
+                attempts: delivery.attempts,
+            }),
+        }
+    }
+    done.failed = failures.len();
+    done.retrying = setbacks.len();
+    if !setbacks.is_empty() {
+        SMTP_FAILING.store(true, Ordering::Relaxed);
+    } else if done.sent > 0 && SMTP_FAILING.swap(false, Ordering::Relaxed) {
+        let due = delivery::retry_waiting_for_smtp(&ctx.pool).await?;
+        tracing::info!(
+            deliveries = due,
+            "the SMTP server answers again; waiting emails are due now"
+        );
+    }
+    delivery::fail(&ctx.pool, &failures).await?;
+    delivery::retry_later(&ctx.pool, &setbacks, &ctx.config.delivery_retries()).await?;
+    tracing::debug!(?done, "delivery batch done");
+    Ok(done)
 }
 
-/// Puts failed events back to pending and enqueues them (after the cause,
-/// such as a missing catalogue entry, was fixed). Returns their ids.
+/// Sends one letter and, when the server accepts it, marks its delivery
+/// sent at once: the shorter that gap, the rarer a duplicate after a crash.
+async fn send_one(
+    ctx: &Context,
+    delivery: delivery::Claimed,
+    letter: crate::email::Letter,
+) -> (
+    delivery::Claimed,
+    Result<String, SendError>,
+    Option<sqlx::Result<bool>>,
+) {
+    let sent = ctx.mailer.send(letter).await;
+    let marked = match &sent {
+        Ok(reply) => Some(delivery::mark_sent(&ctx.pool, delivery.id, reply).await),
+        Err(_) => None,
+    };
+    (delivery, sent, marked)
+}
+
+/// Puts failed events back to pending (after the cause, such as a missing
+/// catalogue entry, was fixed): the feeder queues them within moments.
+/// Returns their ids.
 pub async fn retry_failed_events(
     ctx: &Context,
     filter: &inbox::RetryFilter,
     actor: &str,
     reason: &str,
 ) -> Result<Vec<Uuid>, JobError> {
-    let ids = inbox::reopen_failed(&ctx.pool, filter, actor, reason).await?;
-    for id in &ids {
-        ctx.queues.process_event(*id).await?;
-    }
-    Ok(ids)
+    Ok(inbox::reopen_failed(&ctx.pool, filter, actor, reason).await?)
 }

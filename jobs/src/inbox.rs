@@ -1,11 +1,27 @@
 //! The webhook inbox: every authentic event is kept here before it is
-//! acknowledged, keyed by channel and the channel's event id.
+//! acknowledged, keyed by channel and the channel's event id. This module is
+//! the one home of an event's state machine:
+//!
+//! ```text
+//! pending ──processed──▶ processed
+//!    │ ├────ignored───▶ ignored     (nothing to do)
+//!    │ └────failed────▶ failed      (permanent cause, or attempts exhausted)
+//!    └─retry later─▶ pending (due after a backoff)
+//! failed ──reopened by an operator──▶ pending
+//! ```
+//!
+//! A pending event is fed to the queue under a lease (see [`crate::feed`]);
+//! the worker claims it by the lease's token, which counts an attempt.
 
 use serde_json::json;
-use sqlx::{PgPool, Row};
+use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
-use crate::audit::{self, AuditEvent};
+use crate::{
+    audit::{self, AuditEvent},
+    finding::{self, NewFinding},
+    retry::RetryPolicy,
+};
 
 /// An event as the gateway files it.
 #[derive(Debug, Clone)]
@@ -34,9 +50,12 @@ pub struct StoredEvent {
     pub event_type: String,
     pub body: Option<String>,
     pub status: String,
+    /// Attempts so far, this one included when it was claimed.
+    pub attempts: i32,
 }
 
 /// Files an event once; a duplicate is a no-op that reports the original.
+/// One round trip for a new event: the webhook's answer waits on it.
 pub async fn file(pool: &PgPool, event: NewEvent<'_>) -> sqlx::Result<Filed> {
     let inserted = sqlx::query(
         "INSERT INTO webhook_inbox (id, channel, event_id, event_type, body)
@@ -67,57 +86,170 @@ pub async fn file(pool: &PgPool, event: NewEvent<'_>) -> sqlx::Result<Filed> {
     })
 }
 
+/// Files an event already leased to the caller for `lease`, so the caller
+/// processes it now (a reconciliation run healing what it found) rather
+/// than a feeder racing it into the queue. Returns the event and the lease's
+/// token, or `None` for the token when the event was filed before.
+pub async fn file_leased(
+    pool: &PgPool,
+    event: NewEvent<'_>,
+    lease: std::time::Duration,
+) -> sqlx::Result<(Filed, Option<Uuid>)> {
+    let token = Uuid::now_v7();
+    let inserted: Option<Uuid> = sqlx::query_scalar(
+        "INSERT INTO webhook_inbox (id, channel, event_id, event_type, body, leased_until, lease_token)
+         VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6), $7)
+         ON CONFLICT (channel, event_id) DO NOTHING
+         RETURNING id",
+    )
+    .bind(Uuid::now_v7())
+    .bind(event.channel)
+    .bind(event.event_id)
+    .bind(event.event_type)
+    .bind(event.body)
+    .bind(lease.as_secs_f64())
+    .bind(token)
+    .fetch_optional(pool)
+    .await?;
+    match inserted {
+        Some(id) => Ok((Filed::New(id), Some(token))),
+        None => Ok((file(pool, event).await?, None)),
+    }
+}
+
 /// Reads a stored event.
 pub async fn load(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<StoredEvent>> {
     let row = sqlx::query(
-        "SELECT id, channel, event_id, event_type, body, status FROM webhook_inbox WHERE id = $1",
+        "SELECT id, channel, event_id, event_type, body, status, attempts
+         FROM webhook_inbox WHERE id = $1",
     )
     .bind(id)
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(|r| StoredEvent {
+    Ok(row.as_ref().map(stored))
+}
+
+fn stored(r: &sqlx::postgres::PgRow) -> StoredEvent {
+    StoredEvent {
         id: r.get("id"),
         channel: r.get("channel"),
         event_id: r.get("event_id"),
         event_type: r.get("event_type"),
         body: r.get("body"),
         status: r.get("status"),
-    }))
+        attempts: r.get("attempts"),
+    }
 }
 
-/// Counts an attempt and remembers why it failed, leaving the event pending so
-/// a retry (or the sweep) picks it up again.
-pub async fn note_transient_failure(pool: &PgPool, id: Uuid, error: &str) -> sqlx::Result<()> {
-    sqlx::query(
-        "UPDATE webhook_inbox SET attempts = attempts + 1, error_code = 'transient', last_error = $2
-         WHERE id = $1 AND status = 'pending'",
-    )
-    .bind(id)
-    .bind(error)
-    .execute(pool)
-    .await?;
-    Ok(())
-}
-
-/// Ends processing of a pending event with `status` (`ignored` or `failed`),
-/// with its audit event.
-pub async fn finish(
+/// Claims the pending events among `ids` that were fed under `token`,
+/// counting an attempt and renewing the lease for `lease` while they are
+/// worked on. Events fed again under a newer token (this job's lease
+/// lapsed), and finished ones, are left out.
+pub async fn claim(
     pool: &PgPool,
-    id: Uuid,
-    status: &str,
-    error_code: Option<&str>,
+    token: Uuid,
+    ids: &[Uuid],
+    lease: std::time::Duration,
+) -> sqlx::Result<Vec<StoredEvent>> {
+    let rows = sqlx::query(
+        "UPDATE webhook_inbox
+         SET attempts = attempts + 1, leased_until = now() + make_interval(secs => $3)
+         WHERE id = ANY($1) AND lease_token = $2 AND status = 'pending'
+         RETURNING id, channel, event_id, event_type, body, status, attempts",
+    )
+    .bind(ids)
+    .bind(token)
+    .bind(lease.as_secs_f64())
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.iter().map(stored).collect())
+}
+
+/// Locks an inbox event for the caller's transaction; false when it is no
+/// longer pending (another run finished it).
+pub(crate) async fn lock_pending(conn: &mut PgConnection, inbox_id: Uuid) -> sqlx::Result<bool> {
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM webhook_inbox WHERE id = $1 FOR UPDATE")
+            .bind(inbox_id)
+            .fetch_optional(conn)
+            .await?;
+    Ok(status.as_deref() == Some("pending"))
+}
+
+/// Locks the events among `ids` that are still pending; returns those.
+pub(crate) async fn lock_pending_many(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar(
+        "SELECT id FROM webhook_inbox WHERE id = ANY($1) AND status = 'pending'
+         ORDER BY id FOR UPDATE",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await
+}
+
+/// Marks an event processed, linked to its order, with its audit event.
+pub(crate) async fn mark_processed(
+    conn: &mut PgConnection,
+    inbox_id: Uuid,
+    order_id: Option<Uuid>,
     detail: &str,
 ) -> sqlx::Result<()> {
+    mark_processed_many(conn, &[(inbox_id, order_id)], detail).await
+}
+
+/// Marks events processed, each linked to its order, with their audit
+/// events, in two statements however many there are.
+pub(crate) async fn mark_processed_many(
+    conn: &mut PgConnection,
+    events: &[(Uuid, Option<Uuid>)],
+    detail: &str,
+) -> sqlx::Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = events.iter().map(|(id, _)| *id).collect();
+    let orders: Vec<Option<Uuid>> = events.iter().map(|(_, order)| *order).collect();
+    sqlx::query(
+        "UPDATE webhook_inbox w
+         SET status = 'processed', processed_at = now(), order_id = COALESCE(e.order_id, w.order_id),
+             error_code = NULL, last_error = NULL, leased_until = NULL, lease_token = NULL
+         FROM UNNEST($1::uuid[], $2::uuid[]) AS e(id, order_id)
+         WHERE w.id = e.id",
+    )
+    .bind(&ids)
+    .bind(&orders)
+    .execute(&mut *conn)
+    .await?;
+    let audits: Vec<(String, serde_json::Value)> = events
+        .iter()
+        .map(|(id, order)| (id.to_string(), json!({ "order": order })))
+        .collect();
+    audit::record_many_with_reason(
+        conn,
+        audit::WORKER,
+        "event.processed",
+        "webhook_event",
+        Some(detail),
+        &audits,
+    )
+    .await
+}
+
+/// Ends processing of a pending event as `ignored` (nothing to do), with
+/// its audit event.
+pub async fn ignore(pool: &PgPool, id: Uuid, why: &str) -> sqlx::Result<()> {
     let mut tx = pool.begin().await?;
     let updated = sqlx::query(
         "UPDATE webhook_inbox
-         SET status = $2, attempts = attempts + 1, error_code = $3, last_error = $4, processed_at = now()
+         SET status = 'ignored', processed_at = now(), error_code = NULL, last_error = $2,
+             leased_until = NULL, lease_token = NULL
          WHERE id = $1 AND status = 'pending'",
     )
     .bind(id)
-    .bind(status)
-    .bind(error_code)
-    .bind(detail)
+    .bind(why)
     .execute(&mut *tx)
     .await?;
     if updated.rows_affected() == 1 {
@@ -125,20 +257,144 @@ pub async fn finish(
             &mut tx,
             AuditEvent {
                 actor: audit::WORKER,
-                action: if status == "failed" {
-                    "event.failed"
-                } else {
-                    "event.ignored"
-                },
+                action: "event.ignored",
                 subject_type: "webhook_event",
                 subject_id: id.to_string(),
-                reason: Some(detail),
-                data: json!({ "error_code": error_code }),
+                reason: Some(why),
+                data: json!({}),
             },
         )
         .await?;
     }
     tx.commit().await
+}
+
+/// Why an event failed for good.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub id: Uuid,
+    /// Stable code: `unknown_product`, `event_malformed`, `order_too_large`,
+    /// `attempts_exhausted`, ...
+    pub code: &'static str,
+    pub detail: String,
+}
+
+/// Ends pending events as `failed`, each with its audit event and an
+/// `event_failed` finding for operations, in one transaction.
+pub async fn fail(pool: &PgPool, failures: &[Failure]) -> sqlx::Result<()> {
+    if failures.is_empty() {
+        return Ok(());
+    }
+    let mut tx = pool.begin().await?;
+    for failure in failures {
+        let failed: Option<(String, String, String)> = sqlx::query_as(
+            "UPDATE webhook_inbox
+             SET status = 'failed', processed_at = now(), error_code = $2, last_error = $3,
+                 leased_until = NULL, lease_token = NULL
+             WHERE id = $1 AND status = 'pending'
+             RETURNING channel, event_id, event_type",
+        )
+        .bind(failure.id)
+        .bind(failure.code)
+        .bind(&failure.detail)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((channel, event_id, event_type)) = failed else {
+            continue;
+        };
+        audit::record(
+            &mut tx,
+            AuditEvent {
+                actor: audit::WORKER,
+                action: "event.failed",
+                subject_type: "webhook_event",
+                subject_id: failure.id.to_string(),
+                reason: Some(&failure.detail),
+                data: json!({ "error_code": failure.code }),
+            },
+        )
+        .await?;
+        finding::record(
+            &mut tx,
+            audit::WORKER,
+            NewFinding {
+                kind: "event_failed",
+                order_id: None,
+                code_id: None,
+                channel: Some(&channel),
+                channel_reference: Some(&event_id),
+                detail: format!(
+                    "{event_type} event {event_id} failed with {}: {}",
+                    failure.code, failure.detail
+                ),
+                action_taken: None,
+                dedupe_key: format!("event_failed:{}", failure.id),
+                run_id: None,
+            },
+        )
+        .await?;
+        tracing::warn!(inbox_id = %failure.id, code = failure.code, detail = %failure.detail,
+            "webhook event failed");
+        metrics::counter!("entitle_events_failed_total", "code" => failure.code).increment(1);
+    }
+    tx.commit().await
+}
+
+/// A claimed event whose attempt failed in a way a retry may get past.
+#[derive(Debug, Clone)]
+pub struct Setback {
+    pub id: Uuid,
+    /// Attempts so far, the failed one included.
+    pub attempts: i32,
+    pub detail: String,
+}
+
+/// Gives failed attempts back: each event is due again after its backoff,
+/// or, once it has used up its attempts, fails for good.
+pub async fn retry_later(
+    pool: &PgPool,
+    setbacks: &[Setback],
+    policy: &RetryPolicy,
+) -> sqlx::Result<()> {
+    let (again, exhausted): (Vec<&Setback>, Vec<&Setback>) =
+        setbacks.iter().partition(|s| policy.may_retry(s.attempts));
+    if !again.is_empty() {
+        let ids: Vec<Uuid> = again.iter().map(|s| s.id).collect();
+        let waits: Vec<f64> = again
+            .iter()
+            .map(|s| policy.backoff(s.attempts).as_secs_f64())
+            .collect();
+        let errors: Vec<&str> = again.iter().map(|s| s.detail.as_str()).collect();
+        sqlx::query(
+            "UPDATE webhook_inbox w
+             SET due_at = now() + make_interval(secs => r.wait), error_code = 'transient',
+                 last_error = r.error, leased_until = NULL, lease_token = NULL
+             FROM UNNEST($1::uuid[], $2::float8[], $3::text[]) AS r(id, wait, error)
+             WHERE w.id = r.id AND w.status = 'pending'",
+        )
+        .bind(&ids)
+        .bind(&waits)
+        .bind(&errors)
+        .execute(pool)
+        .await?;
+        for setback in &again {
+            tracing::warn!(inbox_id = %setback.id, attempts = setback.attempts,
+                error = %setback.detail, "webhook event will be retried");
+        }
+    }
+    let failures: Vec<Failure> = exhausted
+        .into_iter()
+        .map(|s| Failure {
+            id: s.id,
+            code: "attempts_exhausted",
+            detail: format!("gave up after {} attempts; last: {}", s.attempts, s.detail),
+        })
+        .collect();
+    if !failures.is_empty() {
+        metrics::counter!("entitle_attempts_exhausted_total", "what" => "event")
+            .increment(failures.len() as u64);
+    }
+    fail(pool, &failures).await
 }
 
 /// Which failed events to reopen.
@@ -152,8 +408,9 @@ pub struct RetryFilter {
     pub error_code: Option<String>,
 }
 
-/// Puts matching failed events back to pending, with one audit event for
-/// the whole action (naming every event it reopened).
+/// Puts matching failed events back to pending, due now with fresh
+/// attempts, with one audit event for the whole action (naming every event
+/// it reopened). The feeder queues them within moments.
 pub async fn reopen_failed(
     pool: &PgPool,
     filter: &RetryFilter,
@@ -162,7 +419,9 @@ pub async fn reopen_failed(
 ) -> sqlx::Result<Vec<Uuid>> {
     let mut tx = pool.begin().await?;
     let ids: Vec<Uuid> = sqlx::query_scalar(
-        "UPDATE webhook_inbox SET status = 'pending', processed_at = NULL, requeued_at = NULL
+        "UPDATE webhook_inbox
+         SET status = 'pending', processed_at = NULL, due_at = now(), attempts = 0,
+             leased_until = NULL, lease_token = NULL
          WHERE status = 'failed' AND body IS NOT NULL
            AND ($1::uuid IS NULL OR id = $1)
            AND ($2::text IS NULL OR channel = $2)

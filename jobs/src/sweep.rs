@@ -1,8 +1,8 @@
-//! The scheduled sweeps that make sure nothing is lost: re-enqueue what
-//! Postgres says is unfinished (whatever happened to Redis), expire old codes
-//! in bounded batches that never block redemptions, and prune raw webhook
-//! bodies after the retention period. Each tick runs once across all worker
-//! processes: the first to claim its `sweep_run` row runs it.
+//! The scheduled sweeps: housekeeping of Redis (dead workers' registrations,
+//! finished jobs), expiry of old codes in bounded batches that never block
+//! redemptions, expiry reminders, and pruning of raw webhook bodies after
+//! the retention period. Each tick runs once across all worker processes:
+//! the first to claim its `sweep_run` row runs it.
 
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::{audit, context::Context, error::JobError};
+use crate::{audit, error::JobError, queue::Queues};
 
 /// Claims a job's tick for this worker; false when another process has it.
 pub async fn claim_tick(
@@ -51,56 +51,18 @@ pub async fn finish_tick(
     Ok(())
 }
 
-/// Enqueues again every webhook event and delivery that should have finished
-/// `grace` ago and has not: after Redis lost its queues, or a job ran out of
-/// retries. Jobs are idempotent, so an extra run changes nothing.
-pub async fn requeue(ctx: &Context, grace: Duration, limit: i64) -> Result<Value, JobError> {
-    let grace = grace.as_secs_f64();
-    let events: Vec<Uuid> = sqlx::query_scalar(
-        "UPDATE webhook_inbox SET requeued_at = now()
-         WHERE id IN (SELECT id FROM webhook_inbox
-                      WHERE status = 'pending' AND body IS NOT NULL
-                        AND received_at < now() - make_interval(secs => $1)
-                        AND (requeued_at IS NULL OR requeued_at < now() - make_interval(secs => $1))
-                      ORDER BY received_at LIMIT $2 FOR UPDATE SKIP LOCKED)
-         RETURNING id",
-    )
-    .bind(grace)
-    .bind(limit)
-    .fetch_all(&ctx.pool)
-    .await?;
-    for id in &events {
-        ctx.queues.process_event(*id).await?;
-    }
-    let deliveries: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(
-        "UPDATE email_delivery SET requeued_at = now()
-         WHERE id IN (SELECT id FROM email_delivery
-                      WHERE ((status = 'pending' AND send_after < now() - make_interval(secs => $1))
-                             OR (status = 'sending' AND claimed_until < now()))
-                        AND (requeued_at IS NULL OR requeued_at < now() - make_interval(secs => $1))
-                      ORDER BY send_after LIMIT $2 FOR UPDATE SKIP LOCKED)
-         RETURNING id, send_after",
-    )
-    .bind(grace)
-    .bind(limit)
-    .fetch_all(&ctx.pool)
-    .await?;
-    for (id, _) in &deliveries {
-        ctx.queues.send_delivery(*id).await?;
-    }
-    // Runs asked for on demand whose job Redis lost.
-    let runs: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM reconciliation_run
-         WHERE status = 'queued' AND created_at < now() - make_interval(secs => $1)
-         ORDER BY created_at LIMIT $2",
-    )
-    .bind(grace)
-    .bind(limit)
-    .fetch_all(&ctx.pool)
-    .await?;
-    for id in &runs {
-        ctx.queues.run_reconciliation(*id).await?;
-    }
+/// Housekeeping: forgets the Redis registrations of worker processes that
+/// died (a clean stop removes its own), removes finished jobs from Redis,
+/// and fails reconciliation runs whose worker died. Unfinished work needs
+/// nothing here: its lease lapses and the feeder queues it again.
+pub async fn housekeeping(
+    pool: &PgPool,
+    queues: &Queues,
+    finished_retention: Duration,
+) -> Result<Value, JobError> {
+    // Three missed heartbeats (10 s apart) and a worker is gone.
+    let workers = queues.forget_dead_workers(Duration::from_secs(30)).await?;
+    let jobs = queues.vacuum(finished_retention).await?;
     // A run whose worker died stays `running`; a run takes minutes, so one
     // started this long ago is marked failed (the next run covers its
     // window again).
@@ -109,25 +71,18 @@ pub async fn requeue(ctx: &Context, grace: Duration, limit: i64) -> Result<Value
                 error = 'abandoned: the worker running it stopped before it ended'
          WHERE status = 'running' AND started_at < now() - interval '6 hours'",
     )
-    .execute(&ctx.pool)
+    .execute(pool)
     .await?
     .rows_affected();
-    if !events.is_empty() || !deliveries.is_empty() || !runs.is_empty() {
-        tracing::warn!(
-            events = events.len(),
-            deliveries = deliveries.len(),
-            reconciliations = runs.len(),
-            "unfinished work enqueued again"
+    if workers > 0 {
+        tracing::info!(
+            workers,
+            "registrations of stopped workers removed from Redis"
         );
-        metrics::counter!("entitle_sweep_requeued_total", "what" => "event")
-            .increment(events.len() as u64);
-        metrics::counter!("entitle_sweep_requeued_total", "what" => "delivery")
-            .increment(deliveries.len() as u64);
     }
     Ok(json!({
-        "events": events.len(),
-        "deliveries": deliveries.len(),
-        "reconciliations": runs.len(),
+        "dead_workers_forgotten": workers,
+        "finished_jobs_removed": jobs,
         "reconciliations_abandoned": abandoned,
     }))
 }
@@ -237,17 +192,16 @@ pub async fn remind(
                 .push(*code);
         }
         for (order, (holder, name, order_codes)) in by_order {
-            let delivery = crate::issuance::NewDelivery {
+            let delivery = crate::delivery::NewDelivery {
                 order_id: Some(order),
                 kind: "expiry_reminder",
                 recipient: &holder,
                 recipient_name: name.as_deref(),
                 send_after: Utc::now(),
-                codes: crate::issuance::CodeSelection::These(order_codes),
+                codes: crate::delivery::CodeSelection::These(order_codes),
                 requested_by: None,
             };
-            if let Some(id) =
-                crate::issuance::create_delivery(&mut tx, &delivery, message_id_domain).await?
+            if let Some(id) = crate::delivery::create(&mut tx, &delivery, message_id_domain).await?
             {
                 deliveries.push(id);
             }

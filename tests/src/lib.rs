@@ -155,8 +155,12 @@ impl TestApp {
                     "worker": {
                         "concurrency": 4,
                         "poll_interval_ms": 20,
+                        "feed_interval_ms": 20,
+                        // Work whose worker or job was lost is fed again
+                        // this soon.
+                        "lease_secs": 3,
                         "issue_batch_size": 500,
-                        "retry_attempts": 25,
+                        "max_attempts": 25,
                         "retry_min_backoff_ms": 50,
                         "retry_max_backoff_ms": 400
                     },
@@ -170,7 +174,7 @@ impl TestApp {
                     },
                     // Sweeps stay out of the way unless a test asks for them.
                     "schedule": {
-                        "requeue": "0 0 0 1 1 *",
+                        "housekeeping": "0 0 0 1 1 *",
                         "expire": "0 0 0 1 1 *",
                         "prune": "0 0 0 1 1 *",
                         "reconcile": "0 0 0 1 1 *"
@@ -193,7 +197,8 @@ impl TestApp {
                         "from": "Entitle Test <codes@entitle.test>",
                         "redeem_url": "https://shop.test/redeem",
                         "message_id_domain": "entitle.test",
-                        "smtp_timeout_secs": 5
+                        "smtp_timeout_secs": 5,
+                        "retry_max_backoff_secs": 1
                     }
                 })))
                 .merge(Serialized::defaults(overrides)),
@@ -250,6 +255,13 @@ impl TestApp {
     pub fn start_another_worker(&self) {
         let extra = start_worker(&self.ctx);
         self.extra_workers.lock().unwrap().push(extra);
+    }
+
+    /// The app's queues, as its workers see them.
+    pub async fn queues(&self) -> entitle_jobs::queue::Queues {
+        entitle_jobs::queue::Queues::connect(&self.ctx.config.redis)
+            .await
+            .expect("Redis is reachable")
     }
 
     /// A Redis connection and every key under this app's namespace.

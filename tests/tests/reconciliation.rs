@@ -70,6 +70,20 @@ async fn findings_of(app: &TestApp, run: Uuid) -> BTreeSet<(String, String)> {
     rows.into_iter().collect()
 }
 
+/// Failed events and emails recorded as findings when they failed (by no
+/// run), as (kind, channel order id or reference).
+async fn findings_of_no_run(app: &TestApp) -> BTreeSet<(String, String)> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT f.kind, coalesce(o.channel_order_id, f.channel_reference, 'code')
+         FROM reconciliation_finding f LEFT JOIN orders o ON o.id = f.order_id
+         WHERE f.run_id IS NULL AND f.kind IN ('delivery_failed', 'event_failed')",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    rows.into_iter().collect()
+}
+
 /// Lists a sale in the channel's API as the channel shows it, with `edit`
 /// applied to the listed order first.
 fn list(api: &ChannelApi, channel: Channel, sale: &Sale, edit: impl FnOnce(&mut Value)) {
@@ -297,14 +311,23 @@ async fn each_kind_comes_from_its_seeded_mismatch_alone(channel: Channel) {
         ("refunded_codes_active", id(&refunded)),
         ("amount_mismatch", id(&amount)),
         ("quantity_mismatch", id(&quantity)),
-        ("delivery_failed", id(&bounced)),
-        ("event_failed", "evt_broken_refund".to_owned()),
         ("code_without_origin", "code".to_owned()),
     ]
     .into_iter()
     .map(|(k, r)| (k.to_owned(), r))
     .collect();
     assert_eq!(findings_of(&app, run).await, expected);
+    // The bounced email and the broken event were findings from the moment
+    // they failed: the run finds them on record and opens nothing again.
+    let at_failure: BTreeSet<(String, String)> = findings_of_no_run(&app).await;
+    assert_eq!(
+        at_failure,
+        [
+            ("delivery_failed".to_owned(), id(&bounced)),
+            ("event_failed".to_owned(), "evt_broken_refund".to_owned()),
+        ]
+        .into()
+    );
     assert_eq!(row["channel_records"], 8, "{row}");
     assert_eq!(row["counts"]["actions"], 2, "{row}");
     assert_eq!(row["counts"]["channel_compared"], true);
@@ -827,7 +850,7 @@ async fn three_worker_processes_reconcile_each_tick_once_per_channel() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_requeue_sweep_queues_lost_runs_again_and_ends_abandoned_ones() {
+async fn lost_runs_are_fed_again_and_housekeeping_ends_abandoned_ones() {
     let app = TestApp::spawn_with(Options {
         smtp: true,
         worker: false,
@@ -853,17 +876,26 @@ async fn the_requeue_sweep_queues_lost_runs_again_and_ends_abandoned_ones() {
     .execute(&app.pool)
     .await
     .unwrap();
-    let summary = entitle_jobs::sweep::requeue(&app.ctx, Duration::from_secs(300), 100)
-        .await
-        .unwrap();
-    assert_eq!(summary["reconciliations"], 1);
+    // The queued run was fed to Redis, which then lost it.
+    sqlx::query(
+        "UPDATE reconciliation_run SET leased_until = now() + interval '2 seconds' WHERE id = $1",
+    )
+    .bind(lost)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let summary =
+        entitle_jobs::sweep::housekeeping(&app.pool, &app.queues().await, Duration::from_secs(300))
+            .await
+            .unwrap();
     assert_eq!(summary["reconciliations_abandoned"], 1);
     let row = run_row(&app, abandoned).await;
     assert_eq!(row["status"], "failed");
     assert!(row["error"].as_str().unwrap().starts_with("abandoned"));
-    // The queued one is back on its queue: a worker started now runs it.
+    // Once its lease lapses, the queued one is fed again: a worker started
+    // now runs it.
     app.restart_worker().await;
-    eventually("the requeued run finished", WAIT, || async {
+    eventually("the lost run finished", WAIT, || async {
         (run_row(&app, lost).await["status"] == "finished").then_some(())
     })
     .await;

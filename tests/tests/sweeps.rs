@@ -1,6 +1,7 @@
 //! The scheduled sweeps: each tick runs once across worker processes; work
-//! Redis lost is finished from Postgres, exactly once; codes expire in
-//! batches that never wait on a redemption; raw bodies are pruned.
+//! Redis lost is finished from Postgres, exactly once, once its lease
+//! lapses; codes expire in batches that never wait on a redemption; raw
+//! bodies are pruned.
 
 use std::time::Duration;
 
@@ -17,20 +18,24 @@ const EVERY_SECOND: &str = "* * * * * *";
 async fn three_worker_processes_run_each_sweep_tick_once() {
     let app = TestApp::spawn_configured(
         Options::default(),
-        json!({ "schedule": { "requeue": EVERY_SECOND, "expire": EVERY_SECOND } }),
+        json!({ "schedule": { "housekeeping": EVERY_SECOND, "expire": EVERY_SECOND } }),
     )
     .await;
     app.start_another_worker();
     app.start_another_worker();
 
-    eventually("five requeue ticks", Duration::from_secs(20), || async {
-        (app.count(
-            "SELECT count(*) FROM sweep_run WHERE job = 'requeue' AND finished_at IS NOT NULL",
+    eventually(
+        "five housekeeping ticks",
+        Duration::from_secs(20),
+        || async {
+            (app.count(
+            "SELECT count(*) FROM sweep_run WHERE job = 'housekeeping' AND finished_at IS NOT NULL",
         )
         .await
             >= 5)
             .then_some(())
-    })
+        },
+    )
     .await;
     let ticks: Vec<(String, chrono::DateTime<chrono::Utc>, String)> =
         sqlx::query_as("SELECT job, tick_at, worker FROM sweep_run ORDER BY job, tick_at")
@@ -39,7 +44,7 @@ async fn three_worker_processes_run_each_sweep_tick_once() {
             .unwrap();
     // One row per job and tick (the key), and no tick of the covered span
     // was skipped: every second between the first and last has its run.
-    for job in ["requeue", "expire"] {
+    for job in ["housekeeping", "expire"] {
         let times: Vec<i64> = ticks
             .iter()
             .filter(|(j, _, _)| j == job)
@@ -76,7 +81,7 @@ async fn of_many_workers_claiming_one_tick_at_once_exactly_one_runs_it() {
     let claims = (0..10).map(|i| {
         let pool = app.pool.clone();
         async move {
-            entitle_jobs::sweep::claim_tick(&pool, "requeue", tick, &format!("sweep-requeue-{i}"))
+            entitle_jobs::sweep::claim_tick(&pool, "expire", tick, &format!("sweep-expire-{i}"))
                 .await
                 .unwrap()
         }
@@ -86,7 +91,7 @@ async fn of_many_workers_claiming_one_tick_at_once_exactly_one_runs_it() {
     // The next tick is another run.
     let next = tick + chrono::Duration::seconds(1);
     assert!(
-        entitle_jobs::sweep::claim_tick(&app.pool, "requeue", next, "sweep-requeue-0")
+        entitle_jobs::sweep::claim_tick(&app.pool, "expire", next, "sweep-expire-0")
             .await
             .unwrap()
     );
@@ -99,7 +104,7 @@ async fn work_lost_with_redis_is_finished_from_postgres_exactly_once() {
             smtp: true,
             worker: false,
         },
-        json!({ "schedule": { "requeue": EVERY_SECOND, "requeue_after_secs": 0 } }),
+        json!({ "schedule": { "housekeeping": EVERY_SECOND } }),
     )
     .await;
     let sales: Vec<Sale> = (0..3)
@@ -114,7 +119,23 @@ async fn work_lost_with_redis_is_finished_from_postgres_exactly_once() {
     for sale in &sales {
         assert_eq!(Channel::Native.purchase(&app, sale).await.status(), 200);
     }
-    // Redis forgets everything before any worker ran.
+    // A worker feeds the events into Redis and is gone before it runs them
+    // (as when a process is killed): they are leased, and Redis is flushed.
+    let queues = app.queues().await;
+    let settings = entitle_jobs::feed::FeedSettings {
+        batch_size: 100,
+        window: 16,
+        lease: Duration::from_secs(3),
+    };
+    let fed = entitle_jobs::feed::feed(
+        &app.pool,
+        &queues,
+        entitle_jobs::feed::Work::Events,
+        settings,
+    )
+    .await
+    .unwrap();
+    assert_eq!(fed.ids, 3);
     app.flush_redis().await;
     app.restart_worker().await;
 
@@ -148,7 +169,7 @@ async fn a_redis_flush_mid_flight_still_sends_each_email_once() {
             smtp: false,
             worker: true,
         },
-        json!({ "schedule": { "requeue": EVERY_SECOND, "requeue_after_secs": 1 } }),
+        json!({ "schedule": { "housekeeping": EVERY_SECOND } }),
     )
     .await;
     let sale = Sale::new("midflight", "mid@example.com", &[(Product::Kit, 1)]);
@@ -271,14 +292,15 @@ async fn raw_bodies_are_pruned_after_the_retention_period_and_nothing_else() {
     );
     // Redis forgets the finished jobs (the event's and the email's) too,
     // once each.
+    let queues = app.queues().await;
     let deadline = std::time::Instant::now() + entitle_tests::WAIT;
     let mut forgotten = 0;
     while forgotten < 2 && std::time::Instant::now() < deadline {
-        forgotten += app.ctx.queues.vacuum(Duration::ZERO).await.unwrap();
+        forgotten += queues.vacuum(Duration::ZERO).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(forgotten, 2);
-    assert_eq!(app.ctx.queues.vacuum(Duration::ZERO).await.unwrap(), 0);
+    assert_eq!(queues.vacuum(Duration::ZERO).await.unwrap(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

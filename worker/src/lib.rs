@@ -1,26 +1,23 @@
-//! Entitle's worker: apalis workers on Redis that process webhook events into
-//! orders and codes, and send email deliveries. Run as many processes as
-//! needed; every job is idempotent.
+//! Entitle's worker: feeders that move ready work from Postgres into a
+//! bounded window of Redis queues, apalis workers that take it from there
+//! in batches (webhook events into orders and codes, email deliveries,
+//! reconciliation runs), and the scheduled sweeps. Run as many processes as
+//! needed; every job is idempotent and every row is leased to one of them.
 
 use std::{future::Future, time::Duration};
 
-use apalis::{
-    layers::retry::{
-        HasherRng,
-        backoff::{ExponentialBackoffMaker, MakeBackoff},
-    },
-    prelude::*,
-};
+use apalis::prelude::*;
 use apalis_cron::{CronScheduler, Tick};
 use entitle_jobs::{
     Context,
-    delivery::Attempt,
+    feed::{self, FeedSettings, Work},
     handlers,
-    queue::{ProcessEvent, RunReconciliation, SendDelivery},
+    queue::{DeliveryBatch, EventBatch, Queues, RunReconciliation},
     reconcile, sweep,
 };
 use futures::{FutureExt, future::BoxFuture};
 use poll::EveryInterval;
+use tokio::sync::watch;
 
 mod poll;
 
@@ -31,20 +28,29 @@ pub fn worker_name(role: &str) -> String {
     format!("{role}-{}-{}", std::process::id(), &id[..8])
 }
 
-async fn process_event(job: ProcessEvent, ctx: Data<Context>) -> Result<(), BoxDynError> {
-    handlers::process_event(&ctx, job.inbox_id).await?;
+// A job never fails as a whole: what it could not do is recorded on its rows
+// and retried from Postgres, so apalis has nothing to retry.
+
+async fn process_events(job: EventBatch, ctx: Data<Context>) -> Result<(), BoxDynError> {
+    if let Err(e) = handlers::process_events(&ctx, job.token, &job.ids).await {
+        tracing::warn!(error = %e, events = job.ids.len(),
+            "event batch not done; its events are fed again when their lease lapses");
+    }
     Ok(())
 }
 
-async fn send_delivery(job: SendDelivery, ctx: Data<Context>) -> Result<(), BoxDynError> {
-    match handlers::send_delivery(&ctx, job.delivery_id).await? {
-        // A delivery not yet due was scheduled again for its time.
-        Attempt::Sent | Attempt::NothingToDo | Attempt::Failed | Attempt::NotDue(_) => Ok(()),
+async fn send_deliveries(job: DeliveryBatch, ctx: Data<Context>) -> Result<(), BoxDynError> {
+    if let Err(e) = handlers::send_deliveries(&ctx, job.token, &job.ids).await {
+        tracing::warn!(error = %e, deliveries = job.ids.len(),
+            "delivery batch not done; its deliveries are fed again when their lease lapses");
     }
+    Ok(())
 }
 
 async fn run_reconciliation(job: RunReconciliation, ctx: Data<Context>) -> Result<(), BoxDynError> {
-    reconcile::execute(&ctx, job.run_id).await?;
+    if let Err(e) = reconcile::execute(&ctx, job.run_id).await {
+        tracing::warn!(error = %e, run = %job.run_id, "reconciliation run not carried out");
+    }
     Ok(())
 }
 
@@ -64,6 +70,46 @@ fn pause_before<B>(
     }
 }
 
+/// Feeds one kind of work from Postgres into its queue until `stop`: at
+/// once again while it finds full batches, every `worker.feed_interval_ms`
+/// otherwise, and backing off while Postgres or Redis fail.
+async fn feed_loop(ctx: Context, queues: Queues, work: Work, mut stop: watch::Receiver<bool>) {
+    let settings = FeedSettings {
+        batch_size: ctx.config.worker.batch_size,
+        window: ctx.config.worker.window,
+        lease: ctx.config.lease(),
+    };
+    let idle = Duration::from_millis(ctx.config.worker.feed_interval_ms);
+    let mut failures: u32 = 0;
+    loop {
+        let wait = match feed::feed(&ctx.pool, &queues, work, settings).await {
+            Ok(fed) => {
+                if failures > 0 {
+                    tracing::info!(queue = work.as_str(), "feeding again");
+                }
+                failures = 0;
+                if fed.full { Duration::ZERO } else { idle }
+            }
+            Err(e) => {
+                failures += 1;
+                if failures == 1 || failures.is_power_of_two() {
+                    tracing::warn!(
+                        queue = work.as_str(),
+                        error = format!("{e:#}"),
+                        failures,
+                        "could not feed the queue; work waits in Postgres"
+                    );
+                }
+                (idle * 2u32.saturating_pow(failures.min(6))).min(Duration::from_secs(5))
+            }
+        };
+        tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
 /// Which sweep a cron worker runs.
 #[derive(Debug, Clone, Copy)]
 struct Sweep(&'static str);
@@ -72,6 +118,7 @@ async fn sweep_tick(
     tick: Tick,
     which: Data<Sweep>,
     ctx: Data<Context>,
+    queues: Data<Queues>,
     worker: WorkerContext,
 ) -> Result<(), BoxDynError> {
     let Sweep(job) = *which;
@@ -84,43 +131,21 @@ async fn sweep_tick(
     let schedule = &ctx.config.schedule;
     let batch = i64::from(schedule.batch_size);
     let outcome = match job {
-        "requeue" => {
-            sweep::requeue(
-                &ctx,
-                Duration::from_secs(schedule.requeue_after_secs),
-                batch,
-            )
-            .await
+        "housekeeping" => {
+            let retention = Duration::from_secs(schedule.finished_jobs_retention_secs);
+            sweep::housekeeping(&ctx.pool, &queues, retention).await
         }
         "expire" => sweep::expire(&ctx.pool, batch).await,
         "reconcile" => reconcile::scheduled(&ctx).await,
-        "remind" => {
-            let reminded = sweep::remind(
-                &ctx.pool,
-                &ctx.config.email.message_id_domain,
-                schedule.remind_days_before,
-                batch,
-            )
-            .await;
-            match reminded {
-                Ok((summary, deliveries)) => {
-                    for delivery in deliveries {
-                        handlers::enqueue_delivery(&ctx, delivery, chrono::Utc::now()).await;
-                    }
-                    Ok(summary)
-                }
-                Err(e) => Err(e),
-            }
-        }
-        _ => match sweep::prune(&ctx.pool, schedule.retention_days, batch).await {
-            Ok(mut summary) => {
-                let retention = Duration::from_secs(schedule.finished_jobs_retention_secs);
-                let vacuumed = ctx.queues.vacuum(retention).await?;
-                summary["finished_jobs_removed"] = vacuumed.into();
-                Ok(summary)
-            }
-            Err(e) => Err(e),
-        },
+        "remind" => sweep::remind(
+            &ctx.pool,
+            &ctx.config.email.message_id_domain,
+            schedule.remind_days_before,
+            batch,
+        )
+        .await
+        .map(|(summary, _)| summary),
+        _ => sweep::prune(&ctx.pool, schedule.retention_days, batch).await,
     };
     let summary = match &outcome {
         Ok(summary) => summary.clone(),
@@ -131,31 +156,49 @@ async fn sweep_tick(
     Ok(())
 }
 
-/// Runs every worker until `shutdown` resolves, then lets running jobs finish
-/// (up to 30 s) and returns.
+/// Connects to Redis and runs the feeders, the queue workers and the sweeps
+/// until `shutdown` resolves, then lets running jobs finish (up to 30 s) and
+/// returns.
 pub async fn run(
     ctx: Context,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let queues = Queues::connect(&ctx.config.redis).await?;
+    run_with(ctx, queues, shutdown).await
+}
+
+/// [`run`] with queues the caller connected.
+pub async fn run_with(
+    ctx: Context,
+    queues: Queues,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let concurrency = ctx.config.worker.concurrency;
-    let retries = ctx.config.worker.retry_attempts;
-    let (min, max) = ctx.config.retry_backoff();
-    let backoff = move || {
-        ExponentialBackoffMaker::new(min, max, 0.5, HasherRng::default())
-            .expect("backoff bounds validated with the configuration")
-            .make_backoff()
-    };
-    // A push from another process (the gateway) does not wake this worker,
-    // so idle workers look for new jobs at this interval.
+    // A push from another process (a feeder elsewhere) does not wake this
+    // worker, so idle workers look for new jobs at this interval.
     let poll = Duration::from_millis(ctx.config.worker.poll_interval_ms);
-    let events = ctx.queues.events.clone();
-    let deliveries = ctx.queues.deliveries.clone();
-    let reconciliations = ctx.queues.reconciliations.clone();
+    let (stop, stopped) = watch::channel(false);
+    let stop = std::sync::Arc::new(stop);
+    let feeders: Vec<_> = Work::ALL
+        .into_iter()
+        .map(|work| {
+            tokio::spawn(feed_loop(
+                ctx.clone(),
+                queues.clone(),
+                work,
+                stopped.clone(),
+            ))
+        })
+        .collect();
+    // Each worker takes one job (a batch) per free slot, so jobs spread
+    // across processes instead of piling up in one process's buffer.
+    let events = queues.events.clone();
+    let deliveries = queues.deliveries.clone();
+    let reconciliations = queues.reconciliations.clone();
     let event_ctx = ctx.clone();
     let delivery_ctx = ctx.clone();
     let reconcile_ctx = ctx.clone();
-    let event_backoff = backoff;
-    let monitor = Monitor::new()
+    let mut monitor = Monitor::new()
         .register(move |restarts| {
             WorkerBuilder::new(worker_name("events"))
                 .backend(
@@ -165,10 +208,9 @@ pub async fn run(
                         .before_start(pause_before(restarts)),
                 )
                 .concurrency(concurrency)
-                .retry(RetryPolicy::retries(retries).with_backoff(event_backoff()))
                 .parallelize(tokio::spawn)
                 .data(event_ctx.clone())
-                .build(process_event)
+                .build(process_events)
         })
         .register(move |restarts| {
             WorkerBuilder::new(worker_name("deliveries"))
@@ -179,10 +221,9 @@ pub async fn run(
                         .before_start(pause_before(restarts)),
                 )
                 .concurrency(concurrency)
-                .retry(RetryPolicy::retries(retries).with_backoff(backoff()))
                 .parallelize(tokio::spawn)
                 .data(delivery_ctx.clone())
-                .build(send_delivery)
+                .build(send_deliveries)
         })
         // Runs are long and read external APIs: one at a time per process.
         .register(move |restarts| {
@@ -205,9 +246,8 @@ pub async fn run(
             true
         })
         .shutdown_timeout(Duration::from_secs(30));
-    let mut monitor = monitor;
     let mut sweeps = vec![
-        ("requeue", &ctx.config.schedule.requeue),
+        ("housekeeping", &ctx.config.schedule.housekeeping),
         ("expire", &ctx.config.schedule.expire),
         ("prune", &ctx.config.schedule.prune),
         ("reconcile", &ctx.config.schedule.reconcile),
@@ -218,20 +258,35 @@ pub async fn run(
     for (job, cron) in sweeps {
         let schedule: cron::Schedule = cron.parse()?;
         let sweep_ctx = ctx.clone();
+        let sweep_queues = queues.clone();
         monitor = monitor.register(move |_| {
             WorkerBuilder::new(worker_name(&format!("sweep-{job}")))
                 .backend(CronScheduler::new(schedule.clone()))
                 .data(Sweep(job))
                 .data(sweep_ctx.clone())
+                .data(sweep_queues.clone())
                 .build(sweep_tick)
         });
     }
-    tracing::info!(concurrency, retries, "worker running");
-    monitor
+    tracing::info!(
+        concurrency,
+        batch_size = ctx.config.worker.batch_size,
+        window = ctx.config.worker.window,
+        "worker running"
+    );
+    let stop_feeding = stop.clone();
+    let result = monitor
         .run_with_signal(async move {
             shutdown.await;
+            // Feed no more; what is queued stays leased until it lapses.
+            let _ = stop_feeding.send(true);
             Ok(())
         })
-        .await?;
+        .await;
+    let _ = stop.send(true);
+    for feeder in feeders {
+        let _ = feeder.await;
+    }
+    result?;
     Ok(())
 }

@@ -12,7 +12,8 @@ use axum::{
 use chrono::Utc;
 use entitle_jobs::{
     audit::{self, AuditEvent},
-    issuance::{self, CodeSelection, NewDelivery},
+    delivery::{self, CodeSelection, NewDelivery},
+    issuance,
     token::Role,
 };
 use serde::{Deserialize, Serialize};
@@ -130,7 +131,7 @@ async fn create(
     .await?;
     let delivery = match &request.email {
         Some(email) => {
-            issuance::create_delivery(
+            delivery::create(
                 &mut action.tx,
                 &NewDelivery {
                     order_id: request.order_id,
@@ -169,9 +170,6 @@ async fn create(
         ),
     );
     let answer = action.finish(answer).await?;
-    if let Some(delivery) = delivery {
-        entitle_jobs::handlers::enqueue_delivery(&state.ctx, delivery, Utc::now()).await;
-    }
     Ok(answer)
 }
 

@@ -11,7 +11,8 @@ use axum::{
 use chrono::{DateTime, Utc};
 use entitle_jobs::{
     code::Code,
-    issuance::{self, CodeSelection, NewDelivery},
+    delivery::{self, CodeSelection, NewDelivery},
+    issuance,
     token::Role,
 };
 use serde::{Deserialize, Serialize};
@@ -315,7 +316,7 @@ async fn reissue(
     } else {
         code.holder_name.as_deref()
     };
-    let delivery = issuance::create_delivery(
+    let delivery = delivery::create(
         &mut action.tx,
         &NewDelivery {
             order_id: code.order_id,
@@ -346,7 +347,6 @@ async fn reissue(
         ),
     );
     let answer = action.finish(answer).await?;
-    entitle_jobs::handlers::enqueue_delivery(&state.ctx, delivery, Utc::now()).await;
     Ok(answer)
 }
 

@@ -9,7 +9,7 @@ use axum::{
 };
 use chrono::Utc;
 use entitle_jobs::{
-    issuance::{self, CodeSelection, NewDelivery},
+    delivery::{self, CodeSelection, NewDelivery},
     token::Role,
 };
 use serde::{Deserialize, Serialize};
@@ -76,7 +76,7 @@ async fn resend(
     } else {
         original_name.as_deref()
     };
-    let delivery = issuance::create_delivery(
+    let delivery = delivery::create(
         &mut action.tx,
         &NewDelivery {
             order_id,
@@ -110,7 +110,6 @@ async fn resend(
         ),
     );
     let answer = action.finish(answer).await?;
-    entitle_jobs::handlers::enqueue_delivery(&state.ctx, delivery, Utc::now()).await;
     Ok(answer)
 }
 

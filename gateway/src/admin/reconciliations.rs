@@ -94,13 +94,8 @@ async fn start(
             "window_start": window.start, "window_end": window.end,
         })),
     );
-    let answer = action.finish(answer).await?;
-    // Should Redis fail here, the run stays queued in Postgres and the
-    // requeue sweep enqueues it.
-    if let Err(e) = state.ctx.queues.run_reconciliation(id).await {
-        tracing::error!(run = %id, error = format!("{e:#}"), "reconciliation run not enqueued");
-    }
-    Ok(answer)
+    // The run waits queued in Postgres; a worker's feeder queues it.
+    action.finish(answer).await
 }
 
 const RUN_JSON: &str = "jsonb_build_object('id', r.id, 'channel', r.channel,

@@ -1,6 +1,7 @@
 //! `POST /webhooks/{stripe,shopify,native}`: each channel verifies its own
-//! signature; then every event is filed in the inbox, enqueued and
-//! acknowledged the same way.
+//! signature; then every event is filed in the inbox and acknowledged the
+//! same way. Filing is the whole of intake: one insert, no Redis. A worker's
+//! feeder queues the event within moments (see `entitle_jobs::feed`).
 
 use std::time::Duration;
 
@@ -83,9 +84,9 @@ async fn native(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
     .await
 }
 
-/// Files an authentic event once and enqueues it. A bad signature stores
-/// nothing; an authentic event that cannot be named is kept, marked failed,
-/// and answered 400.
+/// Files an authentic event once. A bad signature stores nothing; an
+/// authentic event that cannot be named is kept, marked failed, and
+/// answered 400.
 async fn accept(
     state: &AppState,
     channel: &'static str,
@@ -128,12 +129,13 @@ async fn accept(
 
     if let Err(problem) = envelope {
         if let inbox::Filed::New(id) = filed {
-            inbox::finish(
+            inbox::fail(
                 &state.ctx.pool,
-                id,
-                "failed",
-                Some("event_malformed"),
-                &problem,
+                &[inbox::Failure {
+                    id,
+                    code: "event_malformed",
+                    detail: problem.clone(),
+                }],
             )
             .await?;
         }
@@ -144,19 +146,11 @@ async fn accept(
         ));
     }
 
-    let (id, duplicate, finished) = match filed {
-        inbox::Filed::New(id) => (id, false, false),
-        inbox::Filed::Duplicate { id, finished } => (id, true, finished),
+    let (id, duplicate) = match filed {
+        inbox::Filed::New(id) => (id, false),
+        inbox::Filed::Duplicate { id, .. } => (id, true),
     };
-    if !finished {
-        // A duplicate of an unfinished event is enqueued again: the job is
-        // idempotent, and this heals an enqueue that failed the first time.
-        if let Err(e) = state.ctx.queues.process_event(id).await {
-            // The event is safe in Postgres; the sweep will enqueue it.
-            tracing::error!(inbox_id = %id, error = format!("{e:#}"), "webhook event not enqueued");
-        }
-    }
-    tracing::info!(channel, inbox_id = %id, %event_type, duplicate, "webhook accepted");
+    tracing::debug!(channel, inbox_id = %id, %event_type, duplicate, "webhook accepted");
     Ok((
         StatusCode::OK,
         Json(json!({ "received": true, "event": id, "duplicate": duplicate })),

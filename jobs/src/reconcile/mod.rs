@@ -367,9 +367,9 @@ impl Run<'_> {
     }
 
     /// Files a rebuilt event in the inbox (once) and carries it out now
-    /// with the webhook handler; deliveries it creates are queued as usual.
+    /// with the webhook handler; the deliveries it creates are fed as usual.
     async fn carry_out(&self, event: &ChannelEvent) -> Result<Carried, JobError> {
-        let filed = inbox::file(
+        let (filed, token) = inbox::file_leased(
             &self.ctx.pool,
             NewEvent {
                 channel: self.channel,
@@ -377,17 +377,19 @@ impl Run<'_> {
                 event_type: &event.event_type,
                 body: &event.body,
             },
+            self.ctx.config.lease(),
         )
         .await?;
         let id = match filed {
             Filed::New(id) | Filed::Duplicate { id, .. } => id,
         };
-        if let Err(e) = handlers::process_event(self.ctx, id).await {
-            // Transient: the queue retries it, and the requeue sweep after.
+        // What cannot be done now stays pending: the feeder queues it.
+        let done = match token {
+            Some(token) => handlers::process_events(self.ctx, token, &[id]).await,
+            None => handlers::process_now(self.ctx, &[id]).await,
+        };
+        if let Err(e) = done {
             tracing::warn!(run = %self.id, event = %id, error = %e, "healing will be retried");
-            if let Err(e) = self.ctx.queues.process_event(id).await {
-                tracing::warn!(event = %id, error = format!("{e:#}"), "not enqueued; the requeue sweep will");
-            }
         }
         Ok(sqlx::query_as(
             "SELECT id, status, error_code, order_id FROM webhook_inbox WHERE id = $1",

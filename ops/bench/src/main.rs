@@ -4,7 +4,12 @@
 //! prints its time, throughput and peak memory next to the floor it is held
 //! to, and exits non-zero when a figure misses its floor.
 
+mod floor;
+mod load;
+mod pipeline;
 mod seed;
+mod sink;
+mod stack;
 mod standin;
 
 use std::time::Instant;
@@ -48,20 +53,47 @@ struct Cli {
     /// Keep the benchmark databases afterwards (they hold gigabytes).
     #[arg(long)]
     keep: bool,
+    /// Pipeline: orders in intake and in each of the one- and two-worker drains.
+    #[arg(long, default_value_t = 20_000)]
+    pipeline_orders: usize,
+    /// Pipeline: orders in the big backlog drain.
+    #[arg(long, default_value_t = 100_000)]
+    backlog: usize,
+    /// Pipeline: webhooks a second in the steady phase.
+    #[arg(long, default_value_t = 200.0)]
+    rate: f64,
+    /// Pipeline: seconds of the steady phase.
+    #[arg(long, default_value_t = 30)]
+    steady_secs: u64,
+    /// Pipeline: connections posting webhooks at once.
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// Pipeline: Postgres connections per Entitle process.
+    #[arg(long, default_value_t = 10)]
+    pool_size: u32,
+    /// Pipeline: a setting layered over Entitle's configuration, e.g.
+    /// `--set worker.concurrency=8` (repeatable).
+    #[arg(long = "set")]
+    settings: Vec<String>,
     #[command(subcommand)]
     which: Option<Which>,
 }
 
 #[derive(Debug, Clone, Copy, Subcommand)]
 enum Which {
+    /// Webhook intake, backlog drains with one and two workers, a 100,000
+    /// order drain and latency at a steady rate, on the release binaries.
+    Pipeline,
+    /// Only the pipeline's floor and webhook intake.
+    Intake,
     Reconcile,
     Expiry,
-    /// Both (the default).
+    /// All of them (the default).
     All,
 }
 
 /// One measured figure and its floor (or ceiling).
-struct Figure {
+pub(crate) struct Figure {
     what: &'static str,
     value: f64,
     unit: &'static str,
@@ -92,7 +124,7 @@ impl Figure {
     }
 }
 
-fn random_key() -> String {
+pub(crate) fn random_key() -> String {
     let mut key = [0u8; 32];
     rand::fill(&mut key);
     base64::engine::general_purpose::STANDARD.encode(key)
@@ -265,6 +297,24 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let which = cli.which.unwrap_or(Which::All);
     let mut figures = Vec::new();
+    if matches!(which, Which::Pipeline | Which::Intake | Which::All) {
+        figures.extend(
+            pipeline::run(&pipeline::Options {
+                admin_url: cli.database_url.clone(),
+                redis_url: cli.redis_url.clone(),
+                orders: cli.pipeline_orders,
+                backlog: cli.backlog,
+                rate: cli.rate,
+                steady_secs: cli.steady_secs,
+                connections: cli.connections,
+                pool_size: cli.pool_size,
+                settings: cli.settings.clone(),
+                keep: cli.keep,
+                intake_only: matches!(which, Which::Intake),
+            })
+            .await?,
+        );
+    }
     if matches!(which, Which::Reconcile | Which::All) {
         figures.extend(bench_reconcile(&cli).await?);
     }
