@@ -138,6 +138,8 @@ pub struct Mailer {
     /// opens: every concurrent send beyond them opens one more. This caps
     /// the messages (so the connections) in flight per process.
     in_flight: std::sync::Arc<tokio::sync::Semaphore>,
+    /// The longest one message may take, connection included.
+    timeout: Duration,
     from: Mailbox,
     redeem_url: String,
     templates: Environment<'static>,
@@ -173,6 +175,7 @@ impl Mailer {
             in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(
                 config.smtp_connections as usize,
             )),
+            timeout: Duration::from_secs(config.smtp_timeout_secs),
             from: config.from.parse().context("Failed to read email.from")?,
             redeem_url: config.redeem_url.clone(),
             templates,
@@ -248,7 +251,18 @@ impl Mailer {
             .acquire()
             .await
             .map_err(|e| SendError::Transient(e.to_string()))?;
-        match self.transport.send(message).await {
+        // lettre bounds connecting, not every read: a server that accepts the
+        // connection and then says nothing would hold the send (and, through
+        // its renewed lease, the delivery) for ever.
+        let sent = tokio::time::timeout(self.timeout, self.transport.send(message))
+            .await
+            .map_err(|_| {
+                SendError::Transient(format!(
+                    "the SMTP server did not finish within {} s",
+                    self.timeout.as_secs()
+                ))
+            })?;
+        match sent {
             Ok(response) => Ok(format!(
                 "{} {}",
                 response.code(),

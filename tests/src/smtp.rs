@@ -90,10 +90,18 @@ struct Sink {
 /// refuses a mailbox that does not exist.
 pub const UNDELIVERABLE_DOMAIN: &str = "undeliverable.test";
 
+/// Recipients at this domain are deferred every time (451), as a server
+/// that keeps asking to try again later would.
+pub const DEFERRED_DOMAIN: &str = "deferred.test";
+
 impl Handler for Sink {
     fn rcpt(&mut self, to: &str) -> Response {
-        if to.trim_end_matches('>').ends_with(UNDELIVERABLE_DOMAIN) {
+        let to = to.trim_end_matches('>');
+        if to.ends_with(UNDELIVERABLE_DOMAIN) {
             return Response::custom(550, "5.1.1 No such mailbox here".to_owned());
+        }
+        if to.ends_with(DEFERRED_DOMAIN) {
+            return Response::custom(451, "4.7.1 Try again later".to_owned());
         }
         response::OK
     }
@@ -170,7 +178,9 @@ impl SmtpSink {
         let mut server = Server::new(sink);
         server
             .with_name("entitle-sink")
-            .with_num_threads(8)
+            // A thread per connection: enough for every pooled connection of
+            // three worker processes.
+            .with_num_threads(32)
             .with_tcp_listener(listener);
         std::thread::spawn(move || {
             if let Err(e) = server.serve() {
@@ -178,6 +188,11 @@ impl SmtpSink {
             }
         });
         Self { port, store }
+    }
+
+    /// How many messages arrived so far (without copying them).
+    pub fn count(&self) -> usize {
+        self.store.lock().expect("sink lock").len()
     }
 
     /// Everything received so far.
