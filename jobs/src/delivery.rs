@@ -1,11 +1,16 @@
 //! Email deliveries: the one home of a delivery's state machine.
 //!
 //! ```text
-//! pending ──claimed──▶ sending ──accepted by SMTP──▶ sent
-//!    ▲                    │ ├──refused for good─────▶ failed
-//!    │                    │ └──no code left to send─▶ skipped
-//!    └──retry later───────┘      (and failed once attempts run out)
+//! pending ──accepted by SMTP──────────▶ sent
+//!    │ │ ├─refused for good───────────▶ failed
+//!    │ │ └─no code left to send───────▶ skipped
+//!    │ └─deferred: due again after a backoff (failed once attempts run out)
+//!    └─claimed by a sender: leased, an attempt counted (still pending)
 //! ```
+//!
+//! A claim changes no indexed column, so with the table's free space
+//! (fillfactor) it is a HOT update: no index entry, nothing for vacuum.
+//! (`sending` is kept only for rows written before claims stayed pending.)
 //!
 //! A delivery is created once, with its Message-ID fixed then, so every
 //! attempt sends the same message and a message sent twice after a crash
@@ -159,8 +164,7 @@ pub struct Claimed {
 }
 
 /// Claims the deliveries among `ids` fed under `token` that are due and not
-/// sent: they become `sending`, an attempt is counted, and the lease is
-/// renewed for `lease`.
+/// sent: an attempt is counted and the lease renewed for `lease`.
 pub async fn claim(
     pool: &PgPool,
     token: Uuid,
@@ -169,8 +173,7 @@ pub async fn claim(
 ) -> sqlx::Result<Vec<Claimed>> {
     let mut claimed: Vec<Claimed> = sqlx::query_as(
         "UPDATE email_delivery
-         SET status = 'sending', attempts = attempts + 1,
-             leased_until = now() + make_interval(secs => $3)
+         SET attempts = attempts + 1, leased_until = now() + make_interval(secs => $3)
          WHERE id = ANY($1) AND lease_token = $2 AND status IN ('pending', 'sending')
            AND due_at <= now()
          RETURNING id, kind, order_id, recipient_email, recipient_name, message_id, attempts",
@@ -184,28 +187,60 @@ pub async fn claim(
     Ok(claimed)
 }
 
-/// Records that the SMTP server accepted a delivery: one statement, so the
-/// window in which a crash could send it again stays as short as it can be.
-pub async fn mark_sent(pool: &PgPool, id: Uuid, reply: &str) -> sqlx::Result<bool> {
-    let marked = sqlx::query(
-        "WITH sent AS (
-             UPDATE email_delivery
+/// Records that the SMTP server accepted these deliveries (id and the
+/// server's reply), with their audit events, in one statement. Returns how
+/// many were recorded (a delivery already recorded is not again).
+pub async fn mark_sent(pool: &PgPool, sent: &[(Uuid, String)]) -> sqlx::Result<u64> {
+    if sent.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<Uuid> = sent.iter().map(|(id, _)| *id).collect();
+    let replies: Vec<&str> = sent.iter().map(|(_, reply)| reply.as_str()).collect();
+    Ok(sqlx::query(
+        "WITH accepted AS (SELECT * FROM UNNEST($1::uuid[], $2::text[]) AS a(id, reply)),
+         sent AS (
+             UPDATE email_delivery d
              SET status = 'sent', sent_at = now(), leased_until = NULL, lease_token = NULL,
-                 provider_response = $2, last_error = NULL, error_code = NULL
-             WHERE id = $1 AND status = 'sending'
-             RETURNING id, order_id, message_id)
+                 provider_response = a.reply, last_error = NULL, error_code = NULL
+             FROM accepted a
+             WHERE d.id = a.id AND d.status IN ('pending', 'sending')
+             RETURNING d.id, d.order_id, d.message_id, a.reply)
          INSERT INTO audit_event (actor, action, subject_type, subject_id, data)
          SELECT $3, 'delivery.sent', 'delivery', id::text,
-                jsonb_build_object('order', order_id, 'message_id', message_id, 'reply', $2::text)
-         FROM sent",
+                jsonb_build_object('order', order_id, 'message_id', message_id, 'reply', reply)
+         FROM sent ORDER BY id",
     )
-    .bind(id)
-    .bind(reply)
+    .bind(&ids)
+    .bind(&replies)
     .bind(audit::WORKER)
     .execute(pool)
     .await?
-    .rows_affected();
-    Ok(marked == 1)
+    .rows_affected())
+}
+
+/// Records accepted deliveries as they come in: each write takes whatever
+/// was accepted while the previous one ran (group commit), so at low load a
+/// message is recorded the moment it is accepted, and at high load one
+/// statement records many. Returns how many were recorded.
+pub async fn record_sent_as_accepted(
+    pool: PgPool,
+    mut accepted: tokio::sync::mpsc::UnboundedReceiver<(Uuid, String)>,
+) -> u64 {
+    let mut recorded = 0;
+    while let Some(first) = accepted.recv().await {
+        let mut group = vec![first];
+        while let Ok(next) = accepted.try_recv() {
+            group.push(next);
+        }
+        match mark_sent(&pool, &group).await {
+            Ok(n) => recorded += n,
+            // Sent but not recorded: the lease lapses and they are sent
+            // again, with the same Message-IDs.
+            Err(e) => tracing::error!(error = %e, emails = group.len(),
+                "emails sent but not recorded; they will be sent again"),
+        }
+    }
+    recorded
 }
 
 /// Records that a claimed delivery had nothing left to send (every code it
@@ -216,7 +251,7 @@ pub async fn skip(pool: &PgPool, id: Uuid, why: &str) -> sqlx::Result<()> {
         "UPDATE email_delivery
          SET status = 'skipped', leased_until = NULL, lease_token = NULL, last_error = $2,
              error_code = 'no_live_codes'
-         WHERE id = $1 AND status = 'sending' RETURNING order_id",
+         WHERE id = $1 AND status IN ('pending', 'sending') RETURNING order_id",
     )
     .bind(id)
     .bind(why)
@@ -335,7 +370,7 @@ pub async fn retry_later(
              SET status = 'pending', due_at = now() + make_interval(secs => r.wait),
                  last_error = r.error, error_code = r.code, leased_until = NULL, lease_token = NULL
              FROM UNNEST($1::uuid[], $2::float8[], $3::text[], $4::text[]) AS r(id, wait, error, code)
-             WHERE d.id = r.id AND d.status = 'sending'",
+             WHERE d.id = r.id AND d.status IN ('pending', 'sending')",
         )
         .bind(&ids)
         .bind(&waits)

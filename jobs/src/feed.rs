@@ -105,6 +105,27 @@ impl Work {
     }
 }
 
+/// How much ready work of a kind waits (due, unfinished, leased or not), and
+/// how long the oldest of it has been due, in seconds: what operations watch
+/// during a sale or an outage.
+pub async fn backlog(pool: &PgPool, work: Work) -> sqlx::Result<(i64, f64)> {
+    let sql = match work {
+        Work::Events => {
+            "SELECT count(*), coalesce(extract(epoch FROM now() - min(due_at)), 0)::float8
+             FROM webhook_inbox WHERE status = 'pending' AND due_at <= now()"
+        }
+        Work::Deliveries => {
+            "SELECT count(*), coalesce(extract(epoch FROM now() - min(due_at)), 0)::float8
+             FROM email_delivery WHERE status IN ('pending', 'sending') AND due_at <= now()"
+        }
+        Work::Reconciliations => {
+            "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
+             FROM reconciliation_run WHERE status = 'queued'"
+        }
+    };
+    sqlx::query_as(sql).fetch_one(pool).await
+}
+
 /// How a feeder feeds.
 #[derive(Debug, Clone, Copy)]
 pub struct FeedSettings {

@@ -331,31 +331,29 @@ pub async fn send_deliveries(
         }
     }
     let connections = ctx.config.email.smtp_connections as usize;
+    let (accepted, to_record) = tokio::sync::mpsc::unbounded_channel();
+    let recorder = tokio::spawn(delivery::record_sent_as_accepted(
+        ctx.pool.clone(),
+        to_record,
+    ));
     let results: Vec<_> = stream::iter(letters)
-        .map(|(delivery, letter)| send_one(ctx, delivery, *letter))
+        .map(|(delivery, letter)| send_one(ctx, delivery, *letter, accepted.clone()))
         .buffer_unordered(connections)
         .collect()
         .await;
+    drop(accepted);
+    let recorded = recorder.await.unwrap_or(0);
     keeper.stop().await;
-    for (delivery, sent, marked) in results {
-        match (sent, marked) {
-            (Ok(_), Some(Ok(_))) => {
-                done.sent += 1;
-                metrics::counter!("entitle_emails_sent_total").increment(1);
-            }
-            // Sent, but not recorded: its claim lapses and it is sent again
-            // (with the same Message-ID).
-            (Ok(_), Some(Err(e))) => {
-                tracing::error!(delivery = %delivery.id, error = %e, "email sent but not recorded")
-            }
-            (Ok(_), None) => {}
-            (Err(SendError::Permanent(detail)), _) => failures.push(Problem {
+    for (delivery, sent) in results {
+        match sent {
+            Ok(()) => done.sent += 1,
+            Err(SendError::Permanent(detail)) => failures.push(Problem {
                 id: delivery.id,
                 code: "recipient_refused",
                 detail,
                 attempts: delivery.attempts,
             }),
-            (Err(SendError::Transient(detail)), _) => setbacks.push(Problem {
+            Err(SendError::Transient(detail)) => setbacks.push(Problem {
                 id: delivery.id,
                 code: "smtp_unavailable",
                 detail,
@@ -363,6 +361,7 @@ pub async fn send_deliveries(
             }),
         }
     }
+    metrics::counter!("entitle_emails_sent_total").increment(recorded);
     done.failed = failures.len();
     done.retrying = setbacks.len();
     if !setbacks.is_empty() {
@@ -380,23 +379,19 @@ pub async fn send_deliveries(
     Ok(done)
 }
 
-/// Sends one letter and, when the server accepts it, marks its delivery
-/// sent at once: the shorter that gap, the rarer a duplicate after a crash.
+/// Sends one letter; when the server accepts it, hands it at once to the
+/// recorder: the shorter the gap between accepted and recorded, the rarer a
+/// duplicate after a crash.
 async fn send_one(
     ctx: &Context,
     delivery: delivery::Claimed,
     letter: crate::email::Letter,
-) -> (
-    delivery::Claimed,
-    Result<String, SendError>,
-    Option<sqlx::Result<bool>>,
-) {
-    let sent = ctx.mailer.send(letter).await;
-    let marked = match &sent {
-        Ok(reply) => Some(delivery::mark_sent(&ctx.pool, delivery.id, reply).await),
-        Err(_) => None,
-    };
-    (delivery, sent, marked)
+    accepted: tokio::sync::mpsc::UnboundedSender<(Uuid, String)>,
+) -> (delivery::Claimed, Result<(), SendError>) {
+    let sent = ctx.mailer.send(letter).await.map(|reply| {
+        let _ = accepted.send((delivery.id, reply));
+    });
+    (delivery, sent)
 }
 
 /// Puts failed events back to pending (after the cause, such as a missing

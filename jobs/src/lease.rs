@@ -74,7 +74,7 @@ async fn renew(
         }
         Work::Deliveries => {
             "UPDATE email_delivery SET leased_until = now() + make_interval(secs => $3)
-             WHERE id = ANY($1) AND lease_token = $2 AND status = 'sending'"
+             WHERE id = ANY($1) AND lease_token = $2 AND status IN ('pending', 'sending')"
         }
         Work::Reconciliations => return Ok(()),
     };

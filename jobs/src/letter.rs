@@ -63,31 +63,48 @@ pub async fn render_all(
     claimed: &[Claimed],
 ) -> anyhow::Result<Vec<Rendered>> {
     let ids: Vec<Uuid> = claimed.iter().map(|c| c.id).collect();
-    let rows = sqlx::query(
-        "SELECT dc.delivery_id, c.code_sealed, c.last4, c.expires_at, c.state, p.name, p.email_template
-         FROM email_delivery_code dc
-         JOIN activation_code c ON c.id = dc.code_id
-         JOIN product p ON p.id = c.product_id
-         WHERE dc.delivery_id = ANY($1)
-         ORDER BY dc.delivery_id, dc.position",
+    // Two lookups by primary key rather than one join: a join lets the
+    // planner scan every code when its statistics are stale (a new table, or
+    // autovacuum off), and a batch's letter would wait on it.
+    let carried: Vec<(Uuid, Uuid)> = sqlx::query_as(
+        "SELECT delivery_id, code_id FROM email_delivery_code
+         WHERE delivery_id = ANY($1) ORDER BY delivery_id, position",
     )
     .bind(&ids)
     .fetch_all(pool)
     .await
     .context("Failed to load the deliveries' codes")?;
+    let code_ids: Vec<Uuid> = carried.iter().map(|(_, code)| *code).collect();
+    let rows = sqlx::query(
+        "SELECT c.id, c.code_sealed, c.last4, c.expires_at, c.state, p.name, p.email_template
+         FROM activation_code c JOIN product p ON p.id = c.product_id
+         WHERE c.id = ANY($1)",
+    )
+    .bind(&code_ids)
+    .fetch_all(pool)
+    .await
+    .context("Failed to load the deliveries' codes")?;
+    let mut stored: HashMap<Uuid, StoredCode> = rows
+        .into_iter()
+        .map(|row| {
+            (
+                row.get("id"),
+                StoredCode {
+                    sealed: row.get("code_sealed"),
+                    last4: row.get("last4"),
+                    expires_at: row.get("expires_at"),
+                    state: row.get("state"),
+                    product: row.get("name"),
+                    family: row.get("email_template"),
+                },
+            )
+        })
+        .collect();
     let mut codes: HashMap<Uuid, Vec<StoredCode>> = HashMap::new();
-    for row in rows {
-        codes
-            .entry(row.get("delivery_id"))
-            .or_default()
-            .push(StoredCode {
-                sealed: row.get("code_sealed"),
-                last4: row.get("last4"),
-                expires_at: row.get("expires_at"),
-                state: row.get("state"),
-                product: row.get("name"),
-                family: row.get("email_template"),
-            });
+    for (delivery, code) in carried {
+        if let Some(code) = stored.remove(&code) {
+            codes.entry(delivery).or_default().push(code);
+        }
     }
     let order_ids: Vec<Uuid> = claimed.iter().filter_map(|c| c.order_id).collect();
     let rows = sqlx::query(

@@ -19,7 +19,7 @@ use futures::{FutureExt, future::BoxFuture};
 use poll::EveryInterval;
 use tokio::sync::watch;
 
-mod poll;
+pub mod poll;
 
 /// A worker name unique to this process, as apalis requires when several
 /// processes serve one queue.
@@ -70,6 +70,9 @@ fn pause_before<B>(
     }
 }
 
+/// How often a feeder measures its backlog for the metrics.
+const BACKLOG_EVERY: Duration = Duration::from_secs(5);
+
 /// Feeds one kind of work from Postgres into its queue until `stop`: at
 /// once again while it finds full batches, every `worker.feed_interval_ms`
 /// otherwise, and backing off while Postgres or Redis fail.
@@ -81,7 +84,16 @@ async fn feed_loop(ctx: Context, queues: Queues, work: Work, mut stop: watch::Re
     };
     let idle = Duration::from_millis(ctx.config.worker.feed_interval_ms);
     let mut failures: u32 = 0;
+    let mut measured = std::time::Instant::now() - BACKLOG_EVERY;
     loop {
+        if measured.elapsed() >= BACKLOG_EVERY {
+            measured = std::time::Instant::now();
+            if let Ok((count, oldest)) = feed::backlog(&ctx.pool, work).await {
+                metrics::gauge!("entitle_backlog", "queue" => work.as_str()).set(count as f64);
+                metrics::gauge!("entitle_backlog_oldest_seconds", "queue" => work.as_str())
+                    .set(oldest);
+            }
+        }
         let wait = match feed::feed(&ctx.pool, &queues, work, settings).await {
             Ok(fed) => {
                 if failures > 0 {
@@ -164,6 +176,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let queues = Queues::connect(&ctx.config.redis).await?;
+    if sweep::autovacuum_off(&ctx.pool).await.unwrap_or(false) {
+        tracing::warn!(
+            "Postgres runs with autovacuum off: housekeeping vacuums the queue tables at each \
+             tick (schedule.housekeeping); turn autovacuum on in production"
+        );
+    }
     run_with(ctx, queues, shutdown).await
 }
 

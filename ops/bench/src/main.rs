@@ -4,6 +4,7 @@
 //! prints its time, throughput and peak memory next to the floor it is held
 //! to, and exits non-zero when a figure misses its floor.
 
+mod engines;
 mod floor;
 mod load;
 mod pipeline;
@@ -56,6 +57,9 @@ struct Cli {
     /// Pipeline: orders in intake and in each of the one- and two-worker drains.
     #[arg(long, default_value_t = 20_000)]
     pipeline_orders: usize,
+    /// Engines: jobs in the backlog each engine drains.
+    #[arg(long, default_value_t = 50_000)]
+    jobs: usize,
     /// Pipeline: orders in the big backlog drain.
     #[arg(long, default_value_t = 100_000)]
     backlog: usize,
@@ -86,6 +90,9 @@ enum Which {
     Pipeline,
     /// Only the pipeline's floor and webhook intake.
     Intake,
+    /// The queue engines Entitle could run on (apalis-postgres, the bounded
+    /// Redis window it runs, apalis-redis unbounded), on the same drain.
+    Engines,
     Reconcile,
     Expiry,
     /// All of them (the default).
@@ -314,6 +321,15 @@ async fn main() -> anyhow::Result<()> {
             })
             .await?,
         );
+    }
+    if matches!(which, Which::Engines) {
+        engines::run(&engines::Options {
+            admin_url: cli.database_url.clone(),
+            redis_url: cli.redis_url.clone(),
+            jobs: cli.jobs,
+            concurrency: 8,
+        })
+        .await?;
     }
     if matches!(which, Which::Reconcile | Which::All) {
         figures.extend(bench_reconcile(&cli).await?);
