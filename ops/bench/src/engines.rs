@@ -161,7 +161,13 @@ async fn apalis_postgres(opts: &Options, pool: &PgPool) -> anyhow::Result<Outcom
         .data(pool.clone())
         .build(mark_one);
     let running = tokio::spawn(worker.run());
-    let outcome = measure(pool, "apalis-postgres, a job per row", opts.jobs, limit(opts)).await;
+    let outcome = measure(
+        pool,
+        "apalis-postgres, a job per row",
+        opts.jobs,
+        limit(opts),
+    )
+    .await;
     running.abort();
     outcome
 }
