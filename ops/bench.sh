@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# Entitle's benchmarks: reconciliation of 1,000,000 Stripe orders on both
-# sides, and the expiry sweep over 1,000,000 expiring codes among 5,000,000.
-# Prints each figure next to its floor and fails when one is missed. Needs
-# about 3 GB of free disk for the (temporary) benchmark databases.
+# Entitle's benchmarks, on the release build: the pipeline (webhook intake,
+# backlog drains with one and two worker processes, a 100,000-order drain,
+# latency at a steady rate), reconciliation of 1,000,000 Stripe orders on
+# both sides, and the expiry sweep over 1,000,000 expiring codes among
+# 5,000,000. Prints each figure next to its floor (pipeline figures next to
+# a pgbench run taken in the same sitting, and the ratio) and fails when one
+# is missed. Needs about 3 GB of free disk for the temporary databases.
 #
-#   bash ops/bench.sh                 # both, full size
-#   bash ops/bench.sh reconcile       # one of them
-#   bash ops/bench.sh --orders 100000 # smaller (see --help)
+#   bash ops/bench.sh                 # all of them, full size
+#   bash ops/bench.sh pipeline        # one of them (intake, engines, ...)
+#   bash ops/bench.sh --orders 100000 reconcile # smaller (see --help)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source ops/lib.sh
 
 ensure_stack
-say "cargo build --release -p entitle-bench"
-cargo build --release --locked -p entitle-bench
+# The pipeline's floor is a pgbench run.
+command -v pgbench >/dev/null || apt_install postgresql-client
+say "cargo build --release (benchmarks, gateway, worker)"
+cargo build --release --locked -p entitle-bench -p entitle-gateway -p entitle-worker
 exec ./target/release/entitle-bench "$@"

@@ -86,6 +86,143 @@ pub async fn file(pool: &PgPool, event: NewEvent<'_>) -> sqlx::Result<Filed> {
     })
 }
 
+/// An event to file, owned, as the gateway's intake group holds it.
+#[derive(Debug, Clone)]
+pub struct OwnedEvent {
+    pub channel: &'static str,
+    pub event_id: String,
+    pub event_type: String,
+    pub body: String,
+}
+
+impl OwnedEvent {
+    fn borrowed(&self) -> NewEvent<'_> {
+        NewEvent {
+            channel: self.channel,
+            event_id: &self.event_id,
+            event_type: &self.event_type,
+            body: &self.body,
+        }
+    }
+}
+
+/// Files many events in one statement, one result per event in order. When
+/// the statement is refused as a whole (one event's data is), each event is
+/// filed on its own, so only the bad one fails.
+pub async fn file_many(pool: &PgPool, events: &[OwnedEvent]) -> Vec<sqlx::Result<Filed>> {
+    match file_together(pool, events).await {
+        Ok(filed) => filed.into_iter().map(Ok).collect(),
+        Err(e) => {
+            if events.len() > 1 {
+                tracing::debug!(error = %e, events = events.len(), "filing one at a time");
+            }
+            let mut filed = Vec::with_capacity(events.len());
+            for event in events {
+                filed.push(file(pool, event.borrowed()).await);
+            }
+            filed
+        }
+    }
+}
+
+async fn file_together(pool: &PgPool, events: &[OwnedEvent]) -> sqlx::Result<Vec<Filed>> {
+    // The same event twice in one group: the first files it, the rest are
+    // its duplicates.
+    let mut first_of = std::collections::HashMap::new();
+    let mut unique = Vec::new();
+    let mut position = Vec::with_capacity(events.len());
+    for event in events {
+        let key = (event.channel, event.event_id.as_str());
+        let at = *first_of.entry(key).or_insert_with(|| {
+            unique.push((Uuid::now_v7(), event));
+            unique.len() - 1
+        });
+        position.push(at);
+    }
+    let inserted: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO webhook_inbox (id, channel, event_id, event_type, body)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
+         ON CONFLICT (channel, event_id) DO NOTHING
+         RETURNING id",
+    )
+    .bind(unique.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+    .bind(unique.iter().map(|(_, e)| e.channel).collect::<Vec<_>>())
+    .bind(
+        unique
+            .iter()
+            .map(|(_, e)| e.event_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        unique
+            .iter()
+            .map(|(_, e)| e.event_type.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        unique
+            .iter()
+            .map(|(_, e)| e.body.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(pool)
+    .await?;
+    let inserted: std::collections::HashSet<Uuid> = inserted.into_iter().collect();
+    let mut outcome = Vec::with_capacity(unique.len());
+    for (id, event) in &unique {
+        outcome.push(if inserted.contains(id) {
+            Filed::New(*id)
+        } else {
+            // Filed before (rare: a channel's retry): look the original up.
+            file(pool, event.borrowed()).await?
+        });
+    }
+    let mut seen = vec![false; unique.len()];
+    Ok(position
+        .into_iter()
+        .map(|at| {
+            let filed = outcome[at];
+            match (std::mem::replace(&mut seen[at], true), filed) {
+                (true, Filed::New(id)) => Filed::Duplicate {
+                    id,
+                    finished: false,
+                },
+                _ => filed,
+            }
+        })
+        .collect())
+}
+
+/// The gateway's intake: concurrent webhooks filed in group commits (see
+/// [`crate::group`]), each answered once its own row is committed.
+#[derive(Clone)]
+pub struct Intake(crate::group::Group<OwnedEvent, sqlx::Result<Filed>>);
+
+impl Intake {
+    /// Starts `writers` writers on the current runtime.
+    pub fn start(pool: PgPool, writers: usize) -> Self {
+        Intake(crate::group::Group::spawn(
+            writers,
+            MAX_GROUP,
+            move |events: Vec<OwnedEvent>| {
+                let pool = pool.clone();
+                async move { file_many(&pool, &events).await }
+            },
+        ))
+    }
+
+    pub async fn file(&self, event: OwnedEvent) -> sqlx::Result<Filed> {
+        self.0
+            .submit(event)
+            .await
+            .unwrap_or(Err(sqlx::Error::PoolClosed))
+    }
+}
+
+/// Events filed in one statement at most: enough to absorb a burst, few
+/// enough that one refused event costs a short one-by-one retry.
+const MAX_GROUP: usize = 64;
+
 /// Files an event already leased to the caller for `lease`, so the caller
 /// processes it now (a reconciliation run healing what it found) rather
 /// than a feeder racing it into the queue. Returns the event and the lease's

@@ -16,6 +16,7 @@ pub mod email;
 pub mod error;
 pub mod feed;
 pub mod finding;
+pub mod group;
 pub mod handlers;
 pub mod inbox;
 pub mod issuance;

@@ -115,16 +115,15 @@ async fn accept(
             "unreadable".to_owned(),
         ),
     };
-    let filed = inbox::file(
-        &state.ctx.pool,
-        inbox::NewEvent {
+    let filed = state
+        .intake
+        .file(inbox::OwnedEvent {
             channel,
-            event_id: &event_id,
-            event_type: &event_type,
-            body: &text,
-        },
-    )
-    .await?;
+            event_id,
+            event_type: event_type.clone(),
+            body: text.into_owned(),
+        })
+        .await?;
     metrics::counter!("entitle_webhooks_received_total", "channel" => channel).increment(1);
 
     if let Err(problem) = envelope {

@@ -1,6 +1,7 @@
 //! The load the pipeline benchmarks send: signed native `purchase.paid`
-//! webhooks, prepared before the clock starts, posted by many connections at
-//! once (as fast as the gateway answers) or at a steady rate.
+//! webhooks (which the worker fulfils) and signed Stripe events (which
+//! intake files), prepared before the clock starts, posted by many
+//! connections at once (as fast as the gateway answers) or at a steady rate.
 
 use std::{
     sync::{
@@ -11,17 +12,18 @@ use std::{
 };
 
 use anyhow::bail;
-use entitle_jobs::channel::native;
+use entitle_jobs::channel::{native, stripe};
 use hdrhistogram::Histogram;
 
-use crate::stack::NATIVE_SECRET;
+use crate::stack::{NATIVE_SECRET, STRIPE_SECRET};
 
 /// One webhook ready to post.
 #[derive(Debug, Clone)]
 pub struct Webhook {
+    /// The channel's webhook route, e.g. `/webhooks/native`.
+    pub path: &'static str,
     pub event_id: String,
-    pub timestamp: String,
-    pub signature: String,
+    pub headers: Vec<(&'static str, String)>,
     pub body: String,
 }
 
@@ -36,9 +38,91 @@ pub fn purchases(run: &str, n: usize) -> Vec<Webhook> {
             );
             let signature = native::sign(&event_id, timestamp, body.as_bytes(), NATIVE_SECRET);
             Webhook {
+                path: "/webhooks/native",
+                headers: vec![
+                    ("webhook-id", event_id.clone()),
+                    ("webhook-timestamp", timestamp.to_string()),
+                    ("webhook-signature", signature),
+                ],
                 event_id,
-                timestamp: timestamp.to_string(),
-                signature,
+                body,
+            }
+        })
+        .collect()
+}
+
+/// `n` signed Stripe `checkout.session.completed` events of about 1.6 KB,
+/// the size of the floor's row and of a real Stripe event.
+pub fn stripe_events(run: &str, n: usize) -> Vec<Webhook> {
+    let timestamp = chrono::Utc::now().timestamp();
+    (0..n)
+        .map(|i| {
+            let event_id = format!("evt_{run}_{i:08}");
+            let body = serde_json::json!({
+                "id": event_id,
+                "object": "event",
+                "api_version": "2024-06-20",
+                "created": timestamp,
+                "livemode": false,
+                "pending_webhooks": 1,
+                "request": {"id": null, "idempotency_key": null},
+                "type": "checkout.session.completed",
+                "data": {"object": {
+                    "id": format!("cs_test_{run}_{i:08}_a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8"),
+                    "object": "checkout.session",
+                    "amount_subtotal": 2000,
+                    "amount_total": 2000,
+                    "currency": "eur",
+                    "customer": format!("cus_{run}{i:08}"),
+                    "customer_details": {
+                        "address": {"city": "Berlin", "country": "DE", "line1": "Hauptstraße 1",
+                                    "line2": null, "postal_code": "10115", "state": null},
+                        "email": format!("buyer{i}@example.com"),
+                        "name": format!("Buyer {i}"),
+                        "phone": null,
+                        "tax_exempt": "none",
+                        "tax_ids": []
+                    },
+                    "client_reference_id": null,
+                    "created": timestamp,
+                    "expires_at": timestamp + 86_400,
+                    "livemode": false,
+                    "locale": "auto",
+                    "metadata": {"campaign": "benchmark", "gift": "false"},
+                    "mode": "payment",
+                    "payment_intent": format!("pi_{run}_{i:08}_3Pq9Rs2Tu1Vw0Xy"),
+                    "payment_method_types": ["card"],
+                    "payment_status": "paid",
+                    "status": "complete",
+                    "success_url": "https://shop.example.com/thanks?session_id={CHECKOUT_SESSION_ID}",
+                    "cancel_url": "https://shop.example.com/cart",
+                    "total_details": {"amount_discount": 0, "amount_shipping": 0, "amount_tax": 0},
+                    "automatic_tax": {"enabled": false, "liability": null, "status": null},
+                    "billing_address_collection": null,
+                    "consent": null,
+                    "consent_collection": null,
+                    "custom_fields": [],
+                    "custom_text": {"after_submit": null, "shipping_address": null, "submit": null,
+                                    "terms_of_service_acceptance": null},
+                    "customer_creation": "if_required",
+                    "invoice": null,
+                    "invoice_creation": {"enabled": false, "invoice_data": {"account_tax_ids": null,
+                        "custom_fields": null, "description": null, "footer": null, "metadata": {}}},
+                    "payment_method_options": {"card": {"request_three_d_secure": "automatic"}},
+                    "phone_number_collection": {"enabled": false},
+                    "shipping_address_collection": null,
+                    "shipping_cost": null,
+                    "shipping_details": null,
+                    "ui_mode": "hosted",
+                    "url": null
+                }}
+            })
+            .to_string();
+            let signature = stripe::sign(body.as_bytes(), STRIPE_SECRET, timestamp);
+            Webhook {
+                path: "/webhooks/stripe",
+                headers: vec![("stripe-signature", signature)],
+                event_id,
                 body,
             }
         })
@@ -70,19 +154,17 @@ fn client(connections: usize) -> reqwest::Client {
 /// Posts one webhook; returns when it was sent and how long the answer took.
 async fn post_one(
     http: &reqwest::Client,
-    url: &str,
+    gateway: &str,
     hook: &Webhook,
 ) -> anyhow::Result<(Instant, Duration)> {
     let started = Instant::now();
-    let response = http
-        .post(url)
-        .header("content-type", "application/json")
-        .header("webhook-id", &hook.event_id)
-        .header("webhook-timestamp", &hook.timestamp)
-        .header("webhook-signature", &hook.signature)
-        .body(hook.body.clone())
-        .send()
-        .await?;
+    let mut request = http
+        .post(format!("{gateway}{}", hook.path))
+        .header("content-type", "application/json");
+    for (name, value) in &hook.headers {
+        request = request.header(*name, value);
+    }
+    let response = request.body(hook.body.clone()).send().await?;
     let status = response.status();
     let _ = response.bytes().await?;
     if !status.is_success() {
@@ -98,7 +180,7 @@ pub async fn post_all(
     hooks: Vec<Webhook>,
     connections: usize,
 ) -> anyhow::Result<Posted> {
-    let url = format!("{gateway}/webhooks/native");
+    let url = gateway.to_owned();
     let http = client(connections);
     let hooks = Arc::new(hooks);
     let next = Arc::new(AtomicUsize::new(0));
@@ -136,7 +218,7 @@ pub async fn post_all(
 /// Posts the webhooks at `rate` a second (each on its own task, so a slow
 /// answer does not slow the rate).
 pub async fn post_at_rate(gateway: &str, hooks: Vec<Webhook>, rate: f64) -> anyhow::Result<Posted> {
-    let url = format!("{gateway}/webhooks/native");
+    let url = gateway.to_owned();
     let http = client(64);
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(hooks.len());

@@ -17,6 +17,9 @@ use crate::{random_key, seed, sink::Sink};
 
 /// The native checkout's Standard Webhooks secret in the benchmarks.
 pub const NATIVE_SECRET: &str = "whsec_YmVuY2htYXJrLW5hdGl2ZS1jaGVja291dC1zZWNyZXQ=";
+/// Stripe's webhook signing secret in the benchmarks (intake files Stripe
+/// events; nothing calls Stripe's API).
+pub const STRIPE_SECRET: &str = "whsec_benchmark_stripe_signing_secret";
 
 /// A running gateway, its workers and what they talk to.
 pub struct Stack {
@@ -100,6 +103,9 @@ file = "{catalogue}"
 
 [native]
 webhook_secrets = ["{NATIVE_SECRET}"]
+
+[stripe]
+webhook_secrets = ["{STRIPE_SECRET}"]
 
 [email]
 smtp_url = "smtp://127.0.0.1:{smtp}"
