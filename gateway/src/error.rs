@@ -60,6 +60,29 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+impl From<entitle_jobs::lifecycle::Refused> for ApiError {
+    fn from(refused: entitle_jobs::lifecycle::Refused) -> Self {
+        use entitle_jobs::lifecycle::Refused;
+        match refused {
+            Refused::NotFound(what) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no such {what}"),
+            ),
+            Refused::Conflict { code, detail } => ApiError::new(StatusCode::CONFLICT, code, detail),
+            Refused::Invalid { code, detail } => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, detail)
+            }
+            Refused::Forbidden(role) => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("this needs the {} role", role.as_str()),
+            ),
+            Refused::Database(e) => ApiError::internal(e),
+        }
+    }
+}
+
 /// A JSON body whose rejection is an [`ApiError`] with code `invalid_body`.
 #[derive(Debug)]
 pub struct ApiJson<T>(pub T);

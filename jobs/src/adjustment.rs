@@ -371,7 +371,7 @@ impl Apply<'_> {
             .map(|(id, _)| *id)
             .collect();
         let revoked: Vec<(Uuid, String)> = sqlx::query_as(
-            "UPDATE activation_code SET state = 'revoked', revoked_at = now()
+            "UPDATE activation_code SET state = 'revoked', revoked_at = now(), revoked_cause = 'adjustment'
              WHERE id = ANY($1) AND state = 'issued' RETURNING id, last4",
         )
         .bind(&issued)

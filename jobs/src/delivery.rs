@@ -66,7 +66,17 @@ pub async fn create(
     delivery: &NewDelivery<'_>,
     message_id_domain: &str,
 ) -> sqlx::Result<Option<Uuid>> {
-    let id = Uuid::now_v7();
+    create_with_id(conn, Uuid::now_v7(), delivery, message_id_domain).await
+}
+
+/// [`create`], with an id the caller chose (to name the delivery in an
+/// audit event written before it).
+pub async fn create_with_id(
+    conn: &mut PgConnection,
+    id: Uuid,
+    delivery: &NewDelivery<'_>,
+    message_id_domain: &str,
+) -> sqlx::Result<Option<Uuid>> {
     let created = sqlx::query(
         "INSERT INTO email_delivery (id, order_id, kind, recipient_email, recipient_name,
                                      send_after, due_at, message_id, requested_by)

@@ -22,6 +22,7 @@ pub mod inbox;
 pub mod issuance;
 pub mod lease;
 pub mod letter;
+pub mod lifecycle;
 pub mod queue;
 pub mod reconcile;
 pub mod redemption;

@@ -10,6 +10,7 @@ use uuid::Uuid;
 use crate::{
     audit::{self, AuditEvent},
     code::{Code, CodeKeys},
+    lifecycle::{self, CodeState},
 };
 
 /// A code's assignment, as answered to the redeemer.
@@ -49,6 +50,19 @@ pub enum RedeemError {
     Expired,
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+}
+
+impl RedeemError {
+    /// The stable error code a redeemer gets.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RedeemError::NotFound => "code_not_found",
+            RedeemError::AlreadyRedeemed => "code_already_redeemed",
+            RedeemError::Revoked => "code_revoked",
+            RedeemError::Expired => "code_expired",
+            RedeemError::Database(_) => "database_unavailable",
+        }
+    }
 }
 
 const SELECT_REDEMPTION: &str = "
@@ -133,7 +147,7 @@ pub async fn redeem(
     }
 
     let found = sqlx::query(
-        "SELECT c.state, c.expires_at <= now() AS past_expiry, a.id AS assignment_id,
+        "SELECT c.id, c.state, c.expires_at <= now() AS past_expiry, a.id AS assignment_id,
                 a.account_id, a.entity_ref
          FROM activation_code c
          LEFT JOIN assignment a ON a.code_id = c.id AND a.ended_at IS NULL
@@ -146,8 +160,8 @@ pub async fn redeem(
         return Err(RedeemError::NotFound);
     };
     let state: String = found.get("state");
-    match state.as_str() {
-        "redeemed" => {
+    let refusal = match CodeState::parse(&state) {
+        Some(CodeState::Redeemed) => {
             let assignment: Option<Uuid> = found.get("assignment_id");
             let same_holder = found.get::<Option<String>, _>("account_id").as_deref()
                 == Some(account_id)
@@ -158,17 +172,30 @@ pub async fn redeem(
                         .bind(assignment)
                         .fetch_one(&mut *tx)
                         .await?;
-                    Ok(Redeemed::Existing(redemption(&row)))
+                    return Ok(Redeemed::Existing(redemption(&row)));
                 }
-                _ => Err(RedeemError::AlreadyRedeemed),
+                _ => RedeemError::AlreadyRedeemed,
             }
         }
-        "revoked" => Err(RedeemError::Revoked),
-        "expired" => Err(RedeemError::Expired),
+        Some(CodeState::Revoked) => RedeemError::Revoked,
+        Some(CodeState::Expired) => RedeemError::Expired,
         // Issued but past its expiry: the sweep has not reached it yet.
-        _ if found.get::<bool, _>("past_expiry") => Err(RedeemError::Expired),
-        other => Err(RedeemError::Database(sqlx::Error::Protocol(format!(
-            "code in unexpected state {other}"
-        )))),
-    }
+        Some(CodeState::Issued) if found.get::<bool, _>("past_expiry") => RedeemError::Expired,
+        other => {
+            return Err(RedeemError::Database(sqlx::Error::Protocol(format!(
+                "code in unexpected state {other:?}"
+            ))));
+        }
+    };
+    // Support answers "my code doesn't work" from this record.
+    lifecycle::record_refusal(
+        &mut tx,
+        found.get("id"),
+        refusal.code(),
+        account_id,
+        entity_ref,
+    )
+    .await?;
+    tx.commit().await?;
+    Err(refusal)
 }

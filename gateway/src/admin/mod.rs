@@ -409,6 +409,16 @@ impl<'a> Action<'a> {
         }))
     }
 
+    /// Who acts, for the domain's actions (they write their own audit
+    /// events in this transaction).
+    pub fn who(&self) -> entitle_jobs::lifecycle::Who<'a> {
+        entitle_jobs::lifecycle::Who {
+            actor: &self.actor.name,
+            role: self.actor.role,
+            reason: self.reason,
+        }
+    }
+
     /// Writes the action's audit event.
     pub async fn audit(
         &mut self,

@@ -8,7 +8,7 @@ use axum::{
     routing::{get, post},
 };
 use chrono::{DateTime, Utc};
-use entitle_jobs::token::Role;
+use entitle_jobs::{lifecycle, token::Role};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -193,39 +193,10 @@ async fn order_expiry(
     let path = format!("POST /admin/v1/orders/{id}/expiry");
     let mut action =
         crate::begin_action!(&state, &actor, &headers, &request.reason, &path, &request);
-    let exists: Option<Uuid> = sqlx::query_scalar("SELECT id FROM orders WHERE id = $1 FOR UPDATE")
-        .bind(id)
-        .fetch_optional(&mut *action.tx)
-        .await?;
-    exists.ok_or_else(|| not_found("order"))?;
-    let changed: Vec<(Uuid, DateTime<Utc>, String)> = sqlx::query_as(
-        "WITH old AS (SELECT c.id, c.expires_at, c.state FROM activation_code c
-                      JOIN order_line l ON l.id = c.order_line_id
-                      WHERE l.order_id = $1 AND c.state IN ('issued', 'redeemed', 'expired') FOR UPDATE OF c)
-         UPDATE activation_code c SET expires_at = $2,
-             state = CASE WHEN c.state = 'expired' AND $2 > now() THEN 'issued' ELSE c.state END,
-             expired_at = CASE WHEN c.state = 'expired' AND $2 > now() THEN NULL ELSE c.expired_at END
-         FROM old WHERE c.id = old.id
-         RETURNING c.id, old.expires_at, old.state",
-    )
-    .bind(id)
-    .bind(request.expires_at)
-    .fetch_all(&mut *action.tx)
-    .await?;
-    action
-        .audit("order.expiry_changed", "order", id.to_string(), json!({
-                "before": changed.iter().map(|(c, e, s)| json!({ "code": c, "expires_at": e, "state": s })).collect::<Vec<_>>(),
-                "after": { "expires_at": request.expires_at, "codes": changed.len() },
-            }))
-        .await?;
-    let answer = (
-        StatusCode::OK,
-        Json(
-            json!({ "order": id, "codes_changed": changed.len(), "expires_at": request.expires_at }),
-        ),
-    );
-    let answer = action.finish(answer).await?;
-    Ok(answer)
+    let who = action.who();
+    let changed =
+        lifecycle::change_order_expiry(&mut action.tx, who, id, request.expires_at).await?;
+    action.finish((StatusCode::OK, Json(json!(changed)))).await
 }
 
 pub fn router() -> Router<AppState> {
