@@ -65,3 +65,84 @@ pub async fn record(conn: &mut PgConnection, actor: &str, f: NewFinding<'_>) -> 
     }
     Ok(inserted)
 }
+
+/// What a person decides about an open finding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Dealt with (by the action taken, or by hand).
+    Resolve,
+    /// Nothing to do (a test order, a known difference).
+    Ignore,
+}
+
+impl Decision {
+    /// The finding's status afterwards.
+    pub fn status(self) -> &'static str {
+        match self {
+            Decision::Resolve => "resolved",
+            Decision::Ignore => "ignored",
+        }
+    }
+
+    fn action(self) -> &'static str {
+        match self {
+            Decision::Resolve => "finding.resolved",
+            Decision::Ignore => "finding.ignored",
+        }
+    }
+}
+
+/// What deciding did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Decided {
+    pub id: Uuid,
+    pub status: &'static str,
+}
+
+/// Resolves or ignores an open finding, with the decider and their reason.
+pub async fn decide(
+    conn: &mut PgConnection,
+    who: crate::lifecycle::Who<'_>,
+    id: Uuid,
+    decision: Decision,
+) -> Result<Decided, crate::lifecycle::Refused> {
+    use crate::lifecycle::Refused;
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM reconciliation_finding WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let status = status.ok_or(Refused::NotFound("finding"))?;
+    if status != "open" {
+        return Err(Refused::conflict(
+            "finding_closed",
+            format!("the finding is already {status}"),
+        ));
+    }
+    sqlx::query(
+        "UPDATE reconciliation_finding SET status = $2, resolved_at = now(), resolved_by = $3,
+                resolution_reason = $4 WHERE id = $1",
+    )
+    .bind(id)
+    .bind(decision.status())
+    .bind(who.actor)
+    .bind(who.reason)
+    .execute(&mut *conn)
+    .await?;
+    audit::record(
+        conn,
+        AuditEvent {
+            actor: who.actor,
+            action: decision.action(),
+            subject_type: "finding",
+            subject_id: id.to_string(),
+            reason: Some(who.reason),
+            data: json!({ "before": { "status": "open" }, "after": { "status": decision.status() } }),
+        },
+    )
+    .await?;
+    Ok(Decided {
+        id,
+        status: decision.status(),
+    })
+}

@@ -4,6 +4,7 @@
 
 pub mod adjustment;
 pub mod audit;
+pub mod batch;
 pub mod catalogue;
 pub mod channel;
 pub mod code;

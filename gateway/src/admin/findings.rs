@@ -8,13 +8,13 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use entitle_jobs::token::Role;
+use entitle_jobs::{finding, token::Role};
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::{Answer, conflict, not_found};
+use super::Answer;
 use crate::{
     AppState,
     auth::Actor,
@@ -66,54 +66,19 @@ async fn decide(
     id: Uuid,
     headers: HeaderMap,
     request: Decision,
-    to: &'static str,
+    decision: finding::Decision,
 ) -> Result<Answer, ApiError> {
     actor.require(Role::Operator)?;
-    let path = format!("POST /admin/v1/findings/{id}/{to}");
+    let verb = match decision {
+        finding::Decision::Resolve => "resolve",
+        finding::Decision::Ignore => "ignore",
+    };
+    let path = format!("POST /admin/v1/findings/{id}/{verb}");
     let mut action =
         crate::begin_action!(&state, &actor, &headers, &request.reason, &path, &request);
-    let status: Option<String> =
-        sqlx::query_scalar("SELECT status FROM reconciliation_finding WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_optional(&mut *action.tx)
-            .await?;
-    let status = status.ok_or_else(|| not_found("finding"))?;
-    if status != "open" {
-        return Err(conflict(
-            "finding_closed",
-            format!("the finding is already {status}"),
-        ));
-    }
-    let after = if to == "resolve" {
-        "resolved"
-    } else {
-        "ignored"
-    };
-    sqlx::query(
-        "UPDATE reconciliation_finding SET status = $2, resolved_at = now(), resolved_by = $3,
-                resolution_reason = $4 WHERE id = $1",
-    )
-    .bind(id)
-    .bind(after)
-    .bind(&actor.name)
-    .bind(&request.reason)
-    .execute(&mut *action.tx)
-    .await?;
-    action
-        .audit(
-            if to == "resolve" {
-                "finding.resolved"
-            } else {
-                "finding.ignored"
-            },
-            "finding",
-            id.to_string(),
-            json!({ "before": { "status": "open" }, "after": { "status": after } }),
-        )
-        .await?;
-    let answer = (StatusCode::OK, Json(json!({ "id": id, "status": after })));
-    let answer = action.finish(answer).await?;
-    Ok(answer)
+    let who = action.who();
+    let decided = finding::decide(&mut action.tx, who, id, decision).await?;
+    action.finish((StatusCode::OK, Json(json!(decided)))).await
 }
 
 async fn resolve(
@@ -123,7 +88,15 @@ async fn resolve(
     headers: HeaderMap,
     ApiJson(request): ApiJson<Decision>,
 ) -> Result<Answer, ApiError> {
-    decide(actor, state, id, headers, request, "resolve").await
+    decide(
+        actor,
+        state,
+        id,
+        headers,
+        request,
+        finding::Decision::Resolve,
+    )
+    .await
 }
 
 async fn ignore(
@@ -133,7 +106,15 @@ async fn ignore(
     headers: HeaderMap,
     ApiJson(request): ApiJson<Decision>,
 ) -> Result<Answer, ApiError> {
-    decide(actor, state, id, headers, request, "ignore").await
+    decide(
+        actor,
+        state,
+        id,
+        headers,
+        request,
+        finding::Decision::Ignore,
+    )
+    .await
 }
 
 /// Findings matching the filter as CSV, oldest first, read from Postgres a
