@@ -291,11 +291,11 @@ pub type Answer = (StatusCode, Json<Value>);
 pub async fn idempotency_begin(
     conn: &mut PgConnection,
     actor: &Actor,
-    headers: &HeaderMap,
+    key: Option<&str>,
     request: &str,
     body: &impl Serialize,
 ) -> Result<Option<Answer>, ApiError> {
-    let Some(key) = idempotency_key(headers)? else {
+    let Some(key) = key else {
         return Ok(None);
     };
     let hash = Sha256::digest(serde_json::to_vec(body).unwrap_or_default()).to_vec();
@@ -338,10 +338,10 @@ pub async fn idempotency_begin(
 pub async fn idempotency_finish(
     conn: &mut PgConnection,
     actor: &Actor,
-    headers: &HeaderMap,
+    key: Option<&str>,
     answer: &Answer,
 ) -> Result<(), ApiError> {
-    if let Some(key) = idempotency_key(headers)? {
+    if let Some(key) = key {
         sqlx::query(
             "UPDATE idempotency_key SET status = $3, response = $4 WHERE actor = $1 AND key = $2",
         )
@@ -355,7 +355,8 @@ pub async fn idempotency_finish(
     Ok(())
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+/// The request's `Idempotency-Key`, checked.
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     match headers.get("idempotency-key") {
         None => Ok(None),
         Some(v) => match v.to_str() {
@@ -375,7 +376,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 pub struct Action<'a> {
     pub tx: sqlx::Transaction<'static, sqlx::Postgres>,
     actor: &'a Actor,
-    headers: &'a HeaderMap,
+    key: Option<String>,
     reason: &'a str,
 }
 
@@ -387,24 +388,40 @@ pub enum Begun<'a> {
 }
 
 impl<'a> Action<'a> {
-    /// Checks the reason and opens the action's transaction.
+    /// Checks the reason and opens the action's transaction, keyed by the
+    /// request's `Idempotency-Key`.
     pub async fn begin(
-        state: &AppState,
+        ctx: &entitle_jobs::Context,
         actor: &'a Actor,
-        headers: &'a HeaderMap,
+        headers: &HeaderMap,
+        reason: &'a str,
+        request: &str,
+        body: &impl Serialize,
+    ) -> Result<Begun<'a>, ApiError> {
+        let key = idempotency_key(headers)?;
+        Self::begin_keyed(ctx, actor, key, reason, request, body).await
+    }
+
+    /// The same with the key given (the console's one-time form key).
+    pub async fn begin_keyed(
+        ctx: &entitle_jobs::Context,
+        actor: &'a Actor,
+        key: Option<String>,
         reason: &'a str,
         request: &str,
         body: &impl Serialize,
     ) -> Result<Begun<'a>, ApiError> {
         require_reason(reason)?;
-        let mut tx = state.ctx.pool.begin().await?;
-        if let Some(stored) = idempotency_begin(&mut tx, actor, headers, request, body).await? {
+        let mut tx = ctx.pool.begin().await?;
+        if let Some(stored) =
+            idempotency_begin(&mut tx, actor, key.as_deref(), request, body).await?
+        {
             return Ok(Begun::Replayed(stored));
         }
         Ok(Begun::Fresh(Action {
             tx,
             actor,
-            headers,
+            key,
             reason,
         }))
     }
@@ -444,7 +461,7 @@ impl<'a> Action<'a> {
 
     /// Stores the answer under the idempotency key and commits.
     pub async fn finish(mut self, answer: Answer) -> Result<Answer, ApiError> {
-        idempotency_finish(&mut self.tx, self.actor, self.headers, &answer).await?;
+        idempotency_finish(&mut self.tx, self.actor, self.key.as_deref(), &answer).await?;
         self.tx.commit().await?;
         Ok(answer)
     }
@@ -454,7 +471,9 @@ impl<'a> Action<'a> {
 #[macro_export]
 macro_rules! begin_action {
     ($state:expr, $actor:expr, $headers:expr, $reason:expr, $path:expr, $body:expr) => {
-        match $crate::admin::Action::begin($state, $actor, $headers, $reason, $path, $body).await? {
+        match $crate::admin::Action::begin(&$state.ctx, $actor, $headers, $reason, $path, $body)
+            .await?
+        {
             $crate::admin::Begun::Fresh(action) => action,
             $crate::admin::Begun::Replayed(answer) => return Ok(answer),
         }
