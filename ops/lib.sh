@@ -107,6 +107,14 @@ ensure_cargo() {
     command -v cc >/dev/null || apt_install gcc
 }
 
+# The console's browser tests drive Debian's Chromium through chromedriver.
+ensure_chromium() {
+    local missing=()
+    command -v chromium >/dev/null || missing+=(chromium)
+    command -v chromedriver >/dev/null || missing+=(chromium-driver)
+    [ "${#missing[@]}" -eq 0 ] || apt_install "${missing[@]}"
+}
+
 ensure_stack() {
     ensure_cargo
     ensure_postgres

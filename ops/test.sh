@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs Entitle's whole test suite: unit tests, and end-to-end tests of the real
 # gateway and worker against real Postgres, Redis and SMTP (each test makes
-# its own database and Redis namespace). Starts what is missing first.
+# its own database and Redis namespace), and the console's browser tests in
+# headless Chromium. Starts or installs what is missing first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source ops/lib.sh
 
 ensure_stack
+ensure_chromium
 
 # Databases left by interrupted runs.
 stale=$(psql "$DATABASE_URL" -qAtc "SELECT datname FROM pg_database WHERE datname LIKE 'entitle\_t\_%'")

@@ -1,5 +1,5 @@
 //! Entitle's HTTP gateway: verifies and files channel webhooks, serves
-//! redemptions, health and metrics. Stateless: run as many as needed.
+//! redemptions, health and metrics, the admin API and the support console. Stateless: run as many as needed.
 
 use std::future::Future;
 
@@ -11,6 +11,7 @@ use tower_http::trace::TraceLayer;
 
 pub mod admin;
 pub mod auth;
+pub mod console;
 pub mod error;
 pub mod routes;
 
@@ -31,6 +32,7 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::webhooks::router())
         .merge(routes::redemptions::router())
         .merge(admin::router())
+        .merge(console::router(&state))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
@@ -53,7 +55,9 @@ pub async fn run(
         metrics: entitle_jobs::telemetry::metrics(),
     };
     tracing::info!(address = %listener.local_addr()?, "gateway listening");
-    axum::serve(listener, router(state))
+    // The console limits sign-in attempts per client address.
+    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
     Ok(())

@@ -33,6 +33,21 @@ enum Command {
         #[arg(long, default_value = "bootstrap")]
         reason: String,
     },
+    /// Create a staff account for the support console (the first admin's,
+    /// to bootstrap). The password is read from ENTITLE_STAFF_PASSWORD, or
+    /// generated and printed once.
+    CreateStaff {
+        /// The member's name: the actor their console actions are audited as.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        email: String,
+        /// support, operator or admin.
+        #[arg(long, default_value = "admin")]
+        role: String,
+        #[arg(long, default_value = "bootstrap")]
+        reason: String,
+    },
 }
 
 #[tokio::main]
@@ -56,6 +71,42 @@ async fn main() -> anyhow::Result<()> {
                     .await?;
             // The only time the token is shown.
             println!("{token}");
+            return Ok(());
+        }
+        Some(Command::CreateStaff {
+            name,
+            email,
+            role,
+            reason,
+        }) => {
+            let role = entitle_jobs::token::Role::parse(&role)
+                .ok_or_else(|| anyhow::anyhow!("--role must be support, operator or admin"))?;
+            let given = std::env::var("ENTITLE_STAFF_PASSWORD").ok();
+            let password = given
+                .clone()
+                .unwrap_or_else(entitle_gateway::console::password::generate);
+            let member = entitle_gateway::console::members::create(
+                &ctx.pool,
+                entitle_gateway::console::members::NewMember {
+                    name: &name,
+                    email: &email,
+                    role,
+                    password: &password,
+                },
+                "operator:bootstrap",
+                &reason,
+            )
+            .await?;
+            eprintln!(
+                "staff member {} <{}> created with the {} role",
+                member.name,
+                member.email,
+                role.as_str()
+            );
+            if given.is_none() {
+                // The only time the generated password is shown.
+                println!("{password}");
+            }
             return Ok(());
         }
         Some(Command::Serve) | None => {}

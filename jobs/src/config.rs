@@ -33,6 +33,7 @@ pub struct Config {
     pub email: EmailConfig,
     pub schedule: ScheduleConfig,
     pub reconcile: ReconcileConfig,
+    pub console: ConsoleConfig,
 }
 
 /// `[reconcile]`
@@ -345,6 +346,7 @@ impl Config {
         if self.email.message_id_domain.is_empty() {
             return Err(invalid("email.message_id_domain", "must not be empty"));
         }
+        self.console.validate()?;
         Ok(())
     }
 
@@ -458,4 +460,64 @@ mod tests {
         assert!(!debug.contains("whsec_x"), "{debug}");
         assert!(!debug.contains("AQEBAQEB"), "{debug}");
     }
+}
+
+/// `[console]`: the support console's sessions, sign-in limits and SSO.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ConsoleConfig {
+    /// A staff session ends after this many minutes without a request.
+    pub idle_timeout_mins: u32,
+    pub secure_cookies: SecureCookies,
+    /// Sign-in attempts allowed per minute from one client address, and for
+    /// one email address.
+    pub sign_in_per_minute_per_address: u32,
+    pub sign_in_per_minute_per_email: u32,
+    /// A request header naming the signed-in staff member's email, set by an
+    /// SSO proxy; empty: off.
+    pub sso_header: String,
+}
+
+/// When the session cookie carries `Secure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecureCookies {
+    /// When the request came over TLS (`X-Forwarded-Proto: https` from the
+    /// proxy that terminates it).
+    Auto,
+    Always,
+    Never,
+}
+
+impl ConsoleConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (key, value) in [
+            ("console.idle_timeout_mins", self.idle_timeout_mins),
+            (
+                "console.sign_in_per_minute_per_address",
+                self.sign_in_per_minute_per_address,
+            ),
+            (
+                "console.sign_in_per_minute_per_email",
+                self.sign_in_per_minute_per_email,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if !self.sso_header.is_empty() && header_name(&self.sso_header).is_none() {
+            return Err(invalid(
+                "console.sso_header",
+                "must be empty or a header name",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A header name is a token: letters, digits and `!#$%&'*+-.^_`|~`.
+fn header_name(name: &str) -> Option<&str> {
+    name.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        .then_some(name)
 }

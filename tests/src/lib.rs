@@ -2,6 +2,7 @@
 //! `127.0.0.1:0`, each test with its own Postgres database, its own Redis
 //! namespace, a wiremock stand-in for Stripe's API and a real SMTP server.
 
+pub mod browser;
 pub mod channel_api;
 pub mod channels;
 pub mod smtp;
