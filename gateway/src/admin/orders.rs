@@ -88,8 +88,28 @@ async fn find(
     Ok(Json(json!({ "orders": orders })))
 }
 
+/// How much of an order's codes and timeline a view holds: everything (the
+/// API), or a page of them (the console, where an order may hold thousands).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Window {
+    /// Codes from this position; at most `codes_limit` (None: all).
+    pub codes_offset: i64,
+    pub codes_limit: Option<i64>,
+    /// The latest this many audit events (None: all, oldest first).
+    pub timeline_limit: Option<i64>,
+}
+
 /// The full trace of an order.
 pub async fn order_view(pool: &sqlx::PgPool, id: Uuid) -> Result<Option<Value>, sqlx::Error> {
+    order_view_window(pool, id, Window::default()).await
+}
+
+/// The trace of an order, with its codes and timeline windowed.
+pub async fn order_view_window(
+    pool: &sqlx::PgPool,
+    id: Uuid,
+    window: Window,
+) -> Result<Option<Value>, sqlx::Error> {
     let sql = format!(
         "SELECT json_build_object(
             'id', o.id, 'channel', o.channel, 'channel_order_id', o.channel_order_id,
@@ -105,21 +125,34 @@ pub async fn order_view(pool: &sqlx::PgPool, id: Uuid) -> Result<Option<Value>, 
                         'product_sku', p.sku, 'quantity', l.quantity,
                         'refunded_quantity', l.refunded_quantity) ORDER BY l.line_index), '[]')
                       FROM order_line l JOIN product p ON p.id = l.product_id WHERE l.order_id = o.id),
-            'codes', (SELECT coalesce(json_agg({CODE_JSON} ORDER BY l.line_index, c.unit_index), '[]')
-                      FROM activation_code c JOIN order_line l ON l.id = c.order_line_id
-                      JOIN product p ON p.id = c.product_id WHERE l.order_id = o.id),
+            'codes', (SELECT coalesce(json_agg({CODE_JSON} ORDER BY c.line_index, c.unit_index), '[]')
+                      FROM (SELECT c.*, l.line_index FROM activation_code c
+                            JOIN order_line l ON l.id = c.order_line_id WHERE l.order_id = o.id
+                            ORDER BY l.line_index, c.unit_index LIMIT $3 OFFSET $2) c
+                      JOIN product p ON p.id = c.product_id),
+            'code_count', (SELECT count(*) FROM activation_code c
+                           JOIN order_line l ON l.id = c.order_line_id WHERE l.order_id = o.id),
+            'codes_by_state', (SELECT coalesce(json_object_agg(s.state, s.n), '{{}}') FROM (
+                                   SELECT c.state, count(*) AS n FROM activation_code c
+                                   JOIN order_line l ON l.id = c.order_line_id
+                                   WHERE l.order_id = o.id GROUP BY c.state) s),
             'replacement_codes', (SELECT coalesce(json_agg({CODE_JSON} ORDER BY c.issued_at), '[]')
                       FROM activation_code c JOIN code_batch b ON b.id = c.batch_id
                       JOIN product p ON p.id = c.product_id WHERE b.order_id = o.id),
             'deliveries', (SELECT coalesce(json_agg({DELIVERY_JSON} ORDER BY d.created_at), '[]')
                            FROM email_delivery d WHERE d.order_id = o.id),
+            'adjustments', (SELECT coalesce(json_agg(json_build_object('id', a.id, 'kind', a.kind,
+                                'scope', a.scope, 'lines', a.lines, 'amount', a.amount,
+                                'adjustment_key', a.adjustment_key, 'created_at', a.created_at,
+                                'applied_at', a.applied_at) ORDER BY a.created_at), '[]')
+                            FROM order_adjustment a WHERE a.order_id = o.id),
             'events', (SELECT coalesce(json_agg(json_build_object('id', w.id, 'channel', w.channel,
                             'event_id', w.event_id, 'event_type', w.event_type, 'status', w.status,
                             'error_code', w.error_code, 'received_at', w.received_at)
                             ORDER BY w.received_at), '[]')
                        FROM webhook_inbox w WHERE w.order_id = o.id),
             'timeline', (SELECT coalesce(json_agg({EVENT_JSON} ORDER BY e.id), '[]')
-                         FROM audit_event e
+                         FROM (SELECT * FROM audit_event e
                          WHERE (e.subject_type = 'order' AND e.subject_id = o.id::text)
                             OR (e.subject_type = 'code' AND e.subject_id IN (
                                   SELECT c.id::text FROM activation_code c
@@ -129,11 +162,15 @@ pub async fn order_view(pool: &sqlx::PgPool, id: Uuid) -> Result<Option<Value>, 
                             OR (e.subject_type = 'delivery' AND e.subject_id IN (
                                   SELECT d.id::text FROM email_delivery d WHERE d.order_id = o.id))
                             OR (e.subject_type = 'webhook_event' AND e.subject_id IN (
-                                  SELECT w.id::text FROM webhook_inbox w WHERE w.order_id = o.id)))
+                                  SELECT w.id::text FROM webhook_inbox w WHERE w.order_id = o.id))
+                         ORDER BY e.id DESC LIMIT $4) e)
          ) FROM orders o WHERE o.id = $1"
     );
     sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
         .bind(id)
+        .bind(window.codes_offset)
+        .bind(window.codes_limit)
+        .bind(window.timeline_limit)
         .fetch_optional(pool)
         .await
 }
