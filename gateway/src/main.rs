@@ -1,4 +1,5 @@
-//! `entitle-gateway`: serve the HTTP gateway, or apply migrations.
+//! `entitle-gateway`: serve the HTTP gateway, apply migrations, or create the
+//! first API token or console staff account.
 
 use std::path::PathBuf;
 

@@ -37,6 +37,30 @@ async fn staff(app: &TestApp, name: &str, role: Role) -> (String, String) {
     (email, password)
 }
 
+/// Work waiting, open findings and a finished reconciliation run, as the
+/// dashboard should show them (the worker is off, so nothing moves).
+async fn seed_dashboard(app: &TestApp) {
+    sqlx::raw_sql(
+        "INSERT INTO webhook_inbox (id, channel, event_id, event_type, body, received_at)
+         VALUES (gen_random_uuid(), 'stripe', 'evt_1', 'checkout.session.completed', '{}',
+                 now() - interval '5 minutes'),
+                (gen_random_uuid(), 'stripe', 'evt_2', 'checkout.session.completed', '{}', now());
+         INSERT INTO reconciliation_finding (id, kind, detail, dedupe_key)
+         VALUES (gen_random_uuid(), 'refunded_but_redeemed', 'refund after redemption', 'f1'),
+                (gen_random_uuid(), 'refunded_but_redeemed', 'refund after redemption', 'f2'),
+                (gen_random_uuid(), 'orphan_payment', 'paid, no order', 'f3');
+         INSERT INTO reconciliation_run (id, channel, window_start, window_end, trigger, status,
+                                         started_at, finished_at, duration_ms, channel_records,
+                                         entitle_orders)
+         VALUES (gen_random_uuid(), 'stripe', now() - interval '2 hours', now() - interval '1 hour',
+                 'schedule', 'finished', now() - interval '3 minutes', now() - interval '3 minutes',
+                 812, 120, 119);",
+    )
+    .execute(&app.pool)
+    .await
+    .expect("the dashboard's rows are seeded");
+}
+
 async fn console_app() -> TestApp {
     // The console needs neither the worker nor email.
     TestApp::spawn_configured(
@@ -53,6 +77,7 @@ async fn console_app() -> TestApp {
 async fn an_admin_signs_in_and_sees_the_dashboard() {
     let app = console_app().await;
     let (email, password) = staff(&app, "alice", Role::Admin).await;
+    seed_dashboard(&app).await;
     let browser = Browser::start(&app.address).await;
 
     browser.goto("/console").await;
@@ -67,7 +92,12 @@ async fn an_admin_signs_in_and_sees_the_dashboard() {
     let text = browser.wait_for_text("Dashboard").await;
     assert_eq!(browser.path().await, "/console");
     for expected in [
-        "Webhook events waiting",
+        "Webhook events waiting\n2\nOldest received 5 min ago",
+        "refunded_but_redeemed 2",
+        "orphan_payment 1",
+        "Open findings (3)",
+        "stripe",
+        "finished",
         "Emails waiting",
         "Codes today",
         "Open findings",

@@ -19,13 +19,13 @@ struct Backlog {
     oldest_age: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, sqlx::FromRow)]
 struct Run {
     channel: String,
     status: String,
     window_start: DateTime<Utc>,
     window_end: DateTime<Utc>,
-    created_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
     duration_ms: Option<i64>,
     channel_records: i64,
     entitle_orders: i64,
@@ -68,18 +68,8 @@ pub async fn page(
     )
     .fetch_all(pool)
     .await?;
-    let run: Option<(
-        String,
-        String,
-        DateTime<Utc>,
-        DateTime<Utc>,
-        DateTime<Utc>,
-        Option<i64>,
-        i64,
-        i64,
-        Option<String>,
-    )> = sqlx::query_as(
-        "SELECT channel, status, window_start, window_end, created_at, duration_ms,
+    let run: Option<Run> = sqlx::query_as(
+        "SELECT channel, status, window_start, window_end, started_at, duration_ms,
                 channel_records, entitle_orders, error
          FROM reconciliation_run ORDER BY created_at DESC LIMIT 1",
     )
@@ -94,29 +84,6 @@ pub async fn page(
     )
     .fetch_one(pool)
     .await?;
-    let run = run.map(
-        |(
-            channel,
-            status,
-            window_start,
-            window_end,
-            created_at,
-            duration_ms,
-            channel_records,
-            entitle_orders,
-            error,
-        )| Run {
-            channel,
-            status,
-            window_start,
-            window_end,
-            created_at,
-            duration_ms,
-            channel_records,
-            entitle_orders,
-            error,
-        },
-    );
     let open_findings: i64 = findings.iter().map(|(_, n)| n).sum();
     render(
         "dashboard.html",

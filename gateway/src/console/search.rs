@@ -29,7 +29,7 @@ struct Search {
     q: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, sqlx::FromRow)]
 struct OrderRow {
     id: Uuid,
     channel: String,
@@ -49,15 +49,7 @@ async fn page(
     let orders: Vec<OrderRow> = if q.is_empty() {
         Vec::new()
     } else {
-        let rows: Vec<(
-            Uuid,
-            String,
-            String,
-            String,
-            Option<String>,
-            String,
-            DateTime<Utc>,
-        )> = sqlx::query_as(
+        sqlx::query_as(
             "SELECT id, channel, channel_order_id, buyer_email, gift_recipient_email, state,
                         created_at
                  FROM orders
@@ -72,30 +64,7 @@ async fn page(
         .bind(q.contains('@'))
         .bind(LIMIT)
         .fetch_all(&console.ctx.pool)
-        .await?;
-        rows.into_iter()
-            .map(
-                |(
-                    id,
-                    channel,
-                    channel_order_id,
-                    buyer_email,
-                    gift_recipient_email,
-                    state,
-                    created_at,
-                )| {
-                    OrderRow {
-                        id,
-                        channel,
-                        channel_order_id,
-                        buyer_email,
-                        gift_recipient_email,
-                        state,
-                        created_at,
-                    }
-                },
-            )
-            .collect()
+        .await?
     };
     render(
         "search.html",

@@ -148,7 +148,7 @@ async fn submit(
         return Err(PageError::too_many(
             format!(
                 "Too many sign-in attempts. Wait {wait} seconds, then try again. \
-                 If you forgot your password, ask an admin to reset your account."
+                 If you forgot your password, ask an admin."
             ),
             wait,
         ));
