@@ -29,3 +29,9 @@ CREATE TABLE redemption_refusal (
     entity_ref  text
 );
 CREATE INDEX redemption_refusal_code_idx ON redemption_refusal (code_id, id);
+
+-- The console's search: orders by a gift recipient's email, and codes by
+-- their last four symbols (narrowed by product or email).
+CREATE INDEX orders_gift_recipient_email_idx ON orders (lower(gift_recipient_email))
+    WHERE gift_recipient_email IS NOT NULL;
+CREATE INDEX activation_code_last4_idx ON activation_code (last4);

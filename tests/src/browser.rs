@@ -166,11 +166,15 @@ impl Browser {
 
     /// The visible text of the page's `<main>`, or the whole body.
     pub async fn text(&self) -> String {
-        self.find("body")
-            .await
-            .text()
-            .await
-            .expect("the page has text")
+        // A page that is being replaced (a form posting) leaves a stale
+        // element behind: read the new one.
+        for _ in 0..50 {
+            match self.find("body").await.text().await {
+                Ok(text) => return text,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        panic!("the page has no readable text");
     }
 
     /// Runs a script in the page; returns its value.
@@ -218,6 +222,33 @@ impl Browser {
         path
     }
 
+    /// Posts the form at `css` (as the browser would, with its fields and
+    /// hidden tokens, the same values each time) `times` times from the
+    /// page, as a double click or a resubmission would; returns each answer's
+    /// status, `X-Entitle-Code` header and body.
+    pub async fn post_form(&self, css: &str, times: usize) -> Vec<(u16, String, String)> {
+        let answers = self
+            .client
+            .execute(
+                "const form = document.querySelector(arguments[0]);
+                 const body = new URLSearchParams(new FormData(form)).toString();
+                 const answers = [];
+                 for (let i = 0; i < arguments[1]; i++) {
+                     const xhr = new XMLHttpRequest();
+                     xhr.open('POST', form.action, false);
+                     xhr.setRequestHeader('Content-Type', 'application/x-www-form-urlencoded');
+                     xhr.send(body);
+                     answers.push([xhr.status, xhr.getResponseHeader('x-entitle-code') || '',
+                                   xhr.responseText]);
+                 }
+                 return answers;",
+                vec![json!(css), json!(times)],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("the form {css} posts: {e}"));
+        serde_json::from_value(answers).expect("status, code and body per post")
+    }
+
     /// Ends the session (Chromium exits) and stops chromedriver.
     pub async fn close(self) {
         let _ = self.client.clone().close().await;
@@ -230,4 +261,29 @@ impl Drop for Browser {
         let _ = self.driver.wait();
         let _ = std::fs::remove_dir_all(&self.profile);
     }
+}
+
+/// A console staff member with a known password; returns their email and
+/// password.
+pub async fn staff_member(
+    pool: &sqlx::PgPool,
+    name: &str,
+    role: entitle_jobs::token::Role,
+) -> (String, String) {
+    let email = format!("{name}@staff.test");
+    let password = format!("{name}-correct-horse-battery");
+    entitle_gateway::console::members::create(
+        pool,
+        entitle_gateway::console::members::NewMember {
+            name,
+            email: &email,
+            role,
+            password: &password,
+        },
+        "operator:bootstrap",
+        "test staff",
+    )
+    .await
+    .expect("the staff member is created");
+    (email, password)
 }

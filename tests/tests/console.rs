@@ -4,10 +4,7 @@
 //! disabled or idle. Plus the session store, cookie attributes and SSO over
 //! plain HTTP.
 
-use entitle_gateway::console::{
-    members::{self, NewMember},
-    session_store::PgSessionStore,
-};
+use entitle_gateway::console::{members, session_store::PgSessionStore};
 use entitle_jobs::token::Role;
 use entitle_tests::{Options, TestApp, browser::Browser};
 use serde_json::json;
@@ -17,24 +14,8 @@ use tower_sessions::{
     session::{Id, Record},
 };
 
-/// A staff member with a known password; returns their email and password.
 async fn staff(app: &TestApp, name: &str, role: Role) -> (String, String) {
-    let email = format!("{name}@staff.test");
-    let password = format!("{name}-correct-horse-battery");
-    members::create(
-        &app.pool,
-        NewMember {
-            name,
-            email: &email,
-            role,
-            password: &password,
-        },
-        "operator:bootstrap",
-        "test staff",
-    )
-    .await
-    .expect("the staff member is created");
-    (email, password)
+    entitle_tests::browser::staff_member(&app.pool, name, role).await
 }
 
 /// Work waiting, open findings and a finished reconciliation run, as the

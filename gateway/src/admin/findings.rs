@@ -21,11 +21,12 @@ use crate::{
     error::{ApiError, ApiJson},
 };
 
-#[derive(Debug, Clone, Deserialize)]
-struct Filter {
-    status: Option<String>,
-    kind: Option<String>,
-    run: Option<Uuid>,
+/// Which findings: by status, kind and run (each optional).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Filter {
+    pub status: Option<String>,
+    pub kind: Option<String>,
+    pub run: Option<Uuid>,
 }
 
 async fn list(
@@ -117,15 +118,19 @@ async fn ignore(
     .await
 }
 
-/// Findings matching the filter as CSV, oldest first, read from Postgres a
-/// page at a time as the response is written: however many there are, all
-/// of them, in bounded memory.
 async fn export(
     actor: Actor,
     State(state): State<AppState>,
     Query(f): Query<Filter>,
 ) -> Result<Response, ApiError> {
     actor.require(Role::Support)?;
+    Ok(findings_csv(state.ctx.pool.clone(), f))
+}
+
+/// Findings matching the filter as CSV, oldest first, read from Postgres a
+/// page at a time as the response is written: however many there are, all
+/// of them, in bounded memory. The API and the console both answer this.
+pub fn findings_csv(pool: sqlx::PgPool, f: Filter) -> Response {
     const PAGE: i64 = 1000;
     type Row = (
         Uuid,
@@ -159,7 +164,6 @@ async fn export(
         "resolved_by",
         "resolution_reason",
     ]);
-    let pool = state.ctx.pool.clone();
     // The cursor: the last (created_at, id) written; None once done.
     let start = Some((chrono::DateTime::<chrono::Utc>::UNIX_EPOCH, Uuid::nil()));
     let pages = futures::stream::unfold(start, move |cursor| {
@@ -224,7 +228,7 @@ async fn export(
         }
     });
     let body = futures::stream::once(async move { Ok(header) }).chain(pages);
-    Ok((
+    (
         [
             (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
             (
@@ -234,7 +238,7 @@ async fn export(
         ],
         Body::from_stream(body),
     )
-        .into_response())
+        .into_response()
 }
 
 /// One CSV record (RFC 4180 quoting), with its line end.

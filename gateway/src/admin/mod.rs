@@ -305,7 +305,7 @@ pub async fn idempotency_begin(
          VALUES ($1, $2, $3, $4, 0, 'null') ON CONFLICT DO NOTHING",
     )
     .bind(&actor.name)
-    .bind(&key)
+    .bind(key)
     .bind(request)
     .bind(&hash)
     .execute(&mut *conn)
@@ -319,7 +319,7 @@ pub async fn idempotency_begin(
         "SELECT request, request_hash, status, response FROM idempotency_key WHERE actor = $1 AND key = $2",
     )
     .bind(&actor.name)
-    .bind(&key)
+    .bind(key)
     .fetch_one(&mut *conn)
     .await?;
     if stored_request != request || stored_hash != hash {
@@ -346,7 +346,7 @@ pub async fn idempotency_finish(
             "UPDATE idempotency_key SET status = $3, response = $4 WHERE actor = $1 AND key = $2",
         )
         .bind(&actor.name)
-        .bind(&key)
+        .bind(key)
         .bind(i32::from(answer.0.as_u16()))
         .bind(&answer.1.0)
         .execute(&mut *conn)

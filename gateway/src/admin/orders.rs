@@ -187,12 +187,8 @@ async fn show(
         .ok_or_else(|| not_found("order"))
 }
 
-async fn account(
-    actor: Actor,
-    State(state): State<AppState>,
-    Path(account_id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    actor.require(Role::Support)?;
+/// The orders linked to an account and the codes assigned to it.
+pub async fn account_view(pool: &sqlx::PgPool, account_id: &str) -> Result<Value, sqlx::Error> {
     let sql = format!(
         "SELECT json_build_object(
             'account_id', $1::text,
@@ -204,11 +200,19 @@ async fn account(
                       JOIN product p ON p.id = c.product_id
                       WHERE a.account_id = $1 AND a.ended_at IS NULL))"
     );
-    let view: Value = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-        .bind(&account_id)
-        .fetch_one(&state.ctx.pool)
-        .await?;
-    Ok(Json(view))
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(account_id)
+        .fetch_one(pool)
+        .await
+}
+
+async fn account(
+    actor: Actor,
+    State(state): State<AppState>,
+    Path(account_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    actor.require(Role::Support)?;
+    Ok(Json(account_view(&state.ctx.pool, &account_id).await?))
 }
 
 /// A new expiry, with its reason.

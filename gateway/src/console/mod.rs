@@ -7,12 +7,18 @@
 //! [`page::render`]. A form posts through [`CsrfForm`], which refuses a
 //! missing or wrong CSRF token before the handler runs.
 
+pub mod actions;
+pub mod batches;
+pub mod code;
+pub mod codes_report;
 pub mod csrf;
 pub mod dashboard;
+pub mod failed;
 pub mod members;
+pub mod order;
 pub mod page;
 pub mod password;
-pub mod placeholders;
+pub mod reconciliation;
 pub mod search;
 pub mod session_store;
 pub mod sessions;
@@ -58,6 +64,11 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .merge(sign_in::router())
         .merge(search::router())
         .merge(staff::router())
-        .merge(placeholders::router());
+        .merge(code::router())
+        .merge(order::router())
+        .merge(reconciliation::router())
+        .merge(failed::router())
+        .merge(batches::router())
+        .merge(codes_report::router());
     sessions::wrap(pages, state.ctx.pool.clone(), config).with_state(console)
 }

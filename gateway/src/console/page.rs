@@ -47,8 +47,36 @@ const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../templates/console/staff_invited.html"),
     ),
     (
-        "placeholder.html",
-        include_str!("../../templates/console/placeholder.html"),
+        "code.html",
+        include_str!("../../templates/console/code.html"),
+    ),
+    (
+        "order.html",
+        include_str!("../../templates/console/order.html"),
+    ),
+    (
+        "account.html",
+        include_str!("../../templates/console/account.html"),
+    ),
+    (
+        "reconciliation.html",
+        include_str!("../../templates/console/reconciliation.html"),
+    ),
+    (
+        "failed.html",
+        include_str!("../../templates/console/failed.html"),
+    ),
+    (
+        "batches.html",
+        include_str!("../../templates/console/batches.html"),
+    ),
+    (
+        "batch.html",
+        include_str!("../../templates/console/batch.html"),
+    ),
+    (
+        "codes_report.html",
+        include_str!("../../templates/console/codes_report.html"),
     ),
 ];
 
