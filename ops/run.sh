@@ -65,6 +65,14 @@ if [ -z "${ENTITLE_STRIPE__API_KEY:-}" ]; then
     wait_for_port 127.0.0.1 12111 "the Stripe API stand-in"
 fi
 "$bin/entitle-gateway" migrate
+# A console admin for the demo (the first run creates it; later runs keep it).
+console_password=$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
+if ENTITLE_STAFF_PASSWORD="$console_password" "$bin/entitle-gateway" create-staff \
+        --name you --email you@example.com --role admin --reason "local demo" >/dev/null 2>&1; then
+    console_login="you@example.com, password $console_password (shown once)"
+else
+    console_login="you@example.com (password shown at the first run; or create-staff another)"
+fi
 "$bin/entitle-gateway" serve 2> >(tee var/log/gateway.log >&2) & pids+=($!)
 "$bin/entitle-worker" run 2> >(tee var/log/worker.log >&2) & pids+=($!)
 wait_for_port 127.0.0.1 8080 "the gateway"
@@ -73,6 +81,7 @@ cat >&2 <<TEXT
 
 Entitle is running.
   gateway    http://127.0.0.1:8080   (health: /healthz, /readyz, metrics: /metrics)
+  console    http://127.0.0.1:8080/console   sign in as $console_login
   emails     var/mail/*.eml          (SMTP sink on 127.0.0.1:2525)
   config     $config
 Place an order:   ops/demo-order.sh you@example.com 3

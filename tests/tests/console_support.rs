@@ -258,6 +258,15 @@ async fn a_batch_of_five_is_created_and_its_csv_downloaded_once() {
     browser.goto(browser.path().await.as_str()).await;
     let text = browser.wait_for_text("downloaded").await;
     assert!(text.contains("bea"), "who downloaded it:\n{text}");
+
+    // Governance: the codes report counts them by origin and state.
+    browser.click("nav a[href='/console/codes-report']").await;
+    let text = browser.wait_for_text("batch: customer_service").await;
+    assert!(
+        text.contains("batch: customer_service 5 0 0 0 0 5"),
+        "five issued codes from a customer-service batch:\n{text}"
+    );
+    browser.screenshot("console-codes-report").await;
     browser.close().await;
 }
 

@@ -91,6 +91,15 @@ static ENVIRONMENT: LazyLock<Environment<'static>> = LazyLock::new(|| {
     // `{{ form_key() }}`: a fresh one-time key each time a form is rendered.
     env.add_function("form_key", || super::form_key().to_string());
     env.add_filter("datetime", datetime);
+    // `{{ cents | money }}`: minor units as `40.00`.
+    env.add_filter("money", |cents: i64| {
+        format!(
+            "{}{}.{:02}",
+            if cents < 0 { "-" } else { "" },
+            cents.abs() / 100,
+            cents.abs() % 100
+        )
+    });
     env
 });
 
