@@ -161,21 +161,17 @@ pub async fn create(
         }
         None => None,
     };
-    crate::audit::record(
+    who.audit(
         conn,
-        crate::audit::AuditEvent {
-            actor: who.actor,
-            action: "batch.created",
-            subject_type: "batch",
-            subject_id: id.to_string(),
-            reason: Some(who.reason),
-            data: json!({
-                "before": null,
-                "after": { "product": batch.product_sku, "quantity": batch.quantity, "kind": kind,
-                           "account_id": account_id, "order_id": batch.order_id,
-                           "emailed_to": email, "delivery": delivery },
-            }),
-        },
+        "batch.created",
+        "batch",
+        id.to_string(),
+        json!({
+            "before": null,
+            "after": { "product": batch.product_sku, "quantity": batch.quantity, "kind": kind,
+                       "account_id": account_id, "order_id": batch.order_id,
+                       "emailed_to": email, "delivery": delivery },
+        }),
     )
     .await?;
     Ok(Created {
@@ -249,17 +245,13 @@ pub async fn export(
     let csv = csv
         .into_inner()
         .map_err(|e| sqlx::Error::Protocol(format!("writing the CSV: {e}")))?;
-    crate::audit::record(
+    who.audit(
         conn,
-        crate::audit::AuditEvent {
-            actor: who.actor,
-            action: "batch.exported",
-            subject_type: "batch",
-            subject_id: id.to_string(),
-            reason: Some(who.reason),
-            data: json!({ "before": { "exported": false },
-                          "after": { "exported": true, "codes": rows.len() } }),
-        },
+        "batch.exported",
+        "batch",
+        id.to_string(),
+        json!({ "before": { "exported": false },
+                "after": { "exported": true, "codes": rows.len() } }),
     )
     .await?;
     Ok(String::from_utf8(csv).unwrap_or_default())

@@ -129,16 +129,12 @@ pub async fn decide(
     .bind(who.reason)
     .execute(&mut *conn)
     .await?;
-    audit::record(
+    who.audit(
         conn,
-        AuditEvent {
-            actor: who.actor,
-            action: decision.action(),
-            subject_type: "finding",
-            subject_id: id.to_string(),
-            reason: Some(who.reason),
-            data: json!({ "before": { "status": "open" }, "after": { "status": decision.status() } }),
-        },
+        decision.action(),
+        "finding",
+        id.to_string(),
+        json!({ "before": { "status": "open" }, "after": { "status": decision.status() } }),
     )
     .await?;
     Ok(Decided {

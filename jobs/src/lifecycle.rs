@@ -182,7 +182,8 @@ pub struct Who<'a> {
 }
 
 impl Who<'_> {
-    async fn audit(
+    /// Writes the action's audit event, with this actor and reason.
+    pub async fn audit(
         &self,
         conn: &mut PgConnection,
         action: &str,

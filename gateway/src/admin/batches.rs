@@ -119,17 +119,22 @@ async fn export(
     };
     let csv = batch::export(&mut tx, &state.ctx, who, id).await?;
     tx.commit().await?;
-    Ok((
+    Ok(csv_attachment(&format!("batch-{id}.csv"), csv))
+}
+
+/// A CSV answered as a file download named `filename`.
+pub fn csv_attachment(filename: &str, csv: impl Into<axum::body::Body>) -> Response {
+    (
         [
             (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
             (
                 header::CONTENT_DISPOSITION,
-                format!("attachment; filename=\"batch-{id}.csv\""),
+                format!("attachment; filename=\"{filename}\""),
             ),
         ],
-        csv,
+        csv.into(),
     )
-        .into_response())
+        .into_response()
 }
 
 pub fn router() -> Router<AppState> {

@@ -444,18 +444,9 @@ impl<'a> Action<'a> {
         subject_id: String,
         data: Value,
     ) -> Result<(), ApiError> {
-        entitle_jobs::audit::record(
-            &mut self.tx,
-            entitle_jobs::audit::AuditEvent {
-                actor: &self.actor.name,
-                action,
-                subject_type,
-                subject_id,
-                reason: Some(self.reason),
-                data,
-            },
-        )
-        .await?;
+        let who = self.who();
+        who.audit(&mut self.tx, action, subject_type, subject_id, data)
+            .await?;
         Ok(())
     }
 

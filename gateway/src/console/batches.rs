@@ -5,8 +5,7 @@
 use axum::{
     Router,
     extract::{Path, Query, State},
-    http::header,
-    response::{Html, IntoResponse, Response},
+    response::{Html, Response},
     routing::{get, post},
 };
 use chrono::{DateTime, Utc};
@@ -24,6 +23,7 @@ use super::{
     code::Done,
     render,
 };
+use crate::admin::batches::csv_attachment;
 
 pub fn router() -> Router<Console> {
     Router::new()
@@ -207,15 +207,5 @@ async fn export(
     };
     let csv = batch::export(&mut tx, &console.ctx, who, id).await?;
     tx.commit().await?;
-    Ok((
-        [
-            (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
-            (
-                header::CONTENT_DISPOSITION,
-                format!("attachment; filename=\"batch-{id}.csv\""),
-            ),
-        ],
-        csv,
-    )
-        .into_response())
+    Ok(csv_attachment(&format!("batch-{id}.csv"), csv))
 }

@@ -6,8 +6,7 @@
 use axum::{
     Router,
     extract::{Query, State},
-    http::header,
-    response::{Html, IntoResponse, Response},
+    response::{Html, Response},
     routing::get,
 };
 use chrono::{Duration, NaiveDate, Utc};
@@ -15,6 +14,7 @@ use minijinja::context;
 use serde::{Deserialize, Serialize};
 
 use super::{Console, PageError, StaffMember, render};
+use crate::admin::batches::csv_attachment;
 
 /// The states the report counts; `replaced` is a revoked code that a
 /// reissue replaced.
@@ -146,15 +146,5 @@ async fn export(
         .map_err(fail)?;
     }
     let body = csv.into_inner().map_err(PageError::internal)?;
-    Ok((
-        [
-            (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
-            (
-                header::CONTENT_DISPOSITION,
-                format!("attachment; filename=\"codes-{from}-{to}.csv\""),
-            ),
-        ],
-        body,
-    )
-        .into_response())
+    Ok(csv_attachment(&format!("codes-{from}-{to}.csv"), body))
 }
