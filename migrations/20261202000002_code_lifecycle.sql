@@ -35,3 +35,8 @@ CREATE INDEX redemption_refusal_code_idx ON redemption_refusal (code_id, id);
 CREATE INDEX orders_gift_recipient_email_idx ON orders (lower(gift_recipient_email))
     WHERE gift_recipient_email IS NOT NULL;
 CREATE INDEX activation_code_last4_idx ON activation_code (last4);
+
+-- The one-time key of the form (or request) that exported a batch: the same
+-- form posted again (a double click) gets the file again; anything else is
+-- refused, so the file still exists in one copy.
+ALTER TABLE code_batch ADD COLUMN export_key text;

@@ -105,6 +105,13 @@ pub async fn create(
             "kind must be customer_service, partner_distribution, test_account or replacement",
         )
     })?;
+    if kind == BatchKind::Replacement {
+        // Replacements come from reissues, linked to the code they replace.
+        return Err(Refused::invalid(
+            "invalid_request",
+            "replacement codes are made by reissuing a code",
+        ));
+    }
     let account_id = batch.account_id.map(str::trim).filter(|a| !a.is_empty());
     let email = batch.email.map(str::trim).filter(|e| !e.is_empty());
     if let Some(email) = email
@@ -189,32 +196,38 @@ pub async fn create(
 }
 
 /// The batch's codes as CSV, once: a second export is refused, so a partner
-/// file exists in one copy. Audited as `batch.exported`.
+/// file exists in one copy; only the same request again (`key`, a form's
+/// one-time key) gets the file again, unchanged. Audited as `batch.exported`.
 pub async fn export(
     conn: &mut PgConnection,
     ctx: &Context,
     who: Who<'_>,
     id: Uuid,
+    key: Option<&str>,
 ) -> Result<String, Refused> {
-    let exported: Option<Option<DateTime<Utc>>> =
-        sqlx::query_scalar("SELECT exported_at FROM code_batch WHERE id = $1 FOR UPDATE")
+    let exported: Option<(Option<DateTime<Utc>>, Option<String>)> =
+        sqlx::query_as("SELECT exported_at, export_key FROM code_batch WHERE id = $1 FOR UPDATE")
             .bind(id)
             .fetch_optional(&mut *conn)
             .await?;
-    match exported {
+    let replay = match exported {
         None => return Err(Refused::NotFound("batch")),
-        Some(Some(at)) => {
+        Some((Some(_), Some(stored))) if key == Some(stored.as_str()) => true,
+        Some((Some(at), _)) => {
             return Err(Refused::conflict(
                 "batch_already_exported",
                 format!("exported at {at}"),
             ));
         }
-        Some(None) => {}
+        Some((None, _)) => false,
+    };
+    if !replay {
+        sqlx::query("UPDATE code_batch SET exported_at = now(), export_key = $2 WHERE id = $1")
+            .bind(id)
+            .bind(key)
+            .execute(&mut *conn)
+            .await?;
     }
-    sqlx::query("UPDATE code_batch SET exported_at = now() WHERE id = $1")
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
     let rows = sqlx::query(
         "SELECT c.code_sealed, c.state, c.expires_at, p.sku FROM activation_code c
          JOIN product p ON p.id = c.product_id WHERE c.batch_id = $1 ORDER BY c.id",
@@ -245,6 +258,9 @@ pub async fn export(
     let csv = csv
         .into_inner()
         .map_err(|e| sqlx::Error::Protocol(format!("writing the CSV: {e}")))?;
+    if replay {
+        return Ok(String::from_utf8(csv).unwrap_or_default());
+    }
     who.audit(
         conn,
         "batch.exported",

@@ -111,7 +111,7 @@ impl OwnedEvent {
 /// filed on its own, so only the bad one fails.
 pub async fn file_many(pool: &PgPool, events: &[OwnedEvent]) -> Vec<sqlx::Result<Filed>> {
     match file_together(pool, events).await {
-        Ok(filed) => filed.into_iter().map(Ok).collect(),
+        Ok(filed) => filed,
         Err(e) => {
             if events.len() > 1 {
                 tracing::debug!(error = %e, events = events.len(), "filing one at a time");
@@ -125,7 +125,14 @@ pub async fn file_many(pool: &PgPool, events: &[OwnedEvent]) -> Vec<sqlx::Result
     }
 }
 
-async fn file_together(pool: &PgPool, events: &[OwnedEvent]) -> sqlx::Result<Vec<Filed>> {
+/// One insert for the group; `Err` only when that insert was refused (so
+/// nothing of the group was filed). Once it committed, each event's answer
+/// stands on its own: a failed look-up of an earlier copy fails that event
+/// alone.
+async fn file_together(
+    pool: &PgPool,
+    events: &[OwnedEvent],
+) -> sqlx::Result<Vec<sqlx::Result<Filed>>> {
     // The same event twice in one group: the first files it, the rest are
     // its duplicates.
     let mut first_of = std::collections::HashMap::new();
@@ -171,23 +178,24 @@ async fn file_together(pool: &PgPool, events: &[OwnedEvent]) -> sqlx::Result<Vec
     let mut outcome = Vec::with_capacity(unique.len());
     for (id, event) in &unique {
         outcome.push(if inserted.contains(id) {
-            Filed::New(*id)
+            Ok(Filed::New(*id))
         } else {
             // Filed before (rare: a channel's retry): look the original up.
-            file(pool, event.borrowed()).await?
+            file(pool, event.borrowed()).await
         });
     }
     let mut seen = vec![false; unique.len()];
     Ok(position
         .into_iter()
         .map(|at| {
-            let filed = outcome[at];
-            match (std::mem::replace(&mut seen[at], true), filed) {
-                (true, Filed::New(id)) => Filed::Duplicate {
-                    id,
+            let again = std::mem::replace(&mut seen[at], true);
+            match &outcome[at] {
+                Ok(Filed::New(id)) if again => Ok(Filed::Duplicate {
+                    id: *id,
                     finished: false,
-                },
-                _ => filed,
+                }),
+                Ok(filed) => Ok(*filed),
+                Err(e) => Err(sqlx::Error::Protocol(format!("filing the event: {e}"))),
             }
         })
         .collect())

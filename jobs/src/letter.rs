@@ -27,6 +27,7 @@ pub enum Rendered {
 }
 
 /// One code of a delivery, as stored.
+#[derive(Clone)]
 struct StoredCode {
     sealed: Vec<u8>,
     last4: String,
@@ -84,7 +85,7 @@ pub async fn render_all(
     .fetch_all(pool)
     .await
     .context("Failed to load the deliveries' codes")?;
-    let mut stored: HashMap<Uuid, StoredCode> = rows
+    let stored: HashMap<Uuid, StoredCode> = rows
         .into_iter()
         .map(|row| {
             (
@@ -101,8 +102,10 @@ pub async fn render_all(
         })
         .collect();
     let mut codes: HashMap<Uuid, Vec<StoredCode>> = HashMap::new();
+    // Two deliveries of one batch may carry the same code (a resend beside
+    // its original): each gets it.
     for (delivery, code) in carried {
-        if let Some(code) = stored.remove(&code) {
+        if let Some(code) = stored.get(&code).cloned() {
             codes.entry(delivery).or_default().push(code);
         }
     }

@@ -228,9 +228,7 @@ async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Locked, Refused> {
                 coalesce(l.order_id, b.order_id) AS order_id,
                 coalesce(o.account_id, b.account_id) AS account_id,
                 coalesce(o.gift_recipient_email, o.buyer_email) AS holder,
-                coalesce(o.gift_recipient_name, o.buyer_name) AS holder_name,
-                (SELECT r.id FROM activation_code r WHERE r.replaces = c.id
-                 ORDER BY r.issued_at DESC LIMIT 1) AS replaced_by
+                coalesce(o.gift_recipient_name, o.buyer_name) AS holder_name
          FROM activation_code c
          LEFT JOIN order_line l ON l.id = c.order_line_id
          LEFT JOIN code_batch b ON b.id = c.batch_id
@@ -241,6 +239,14 @@ async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Locked, Refused> {
     .fetch_optional(&mut *conn)
     .await?
     .ok_or(Refused::NotFound("code"))?;
+    // A statement of its own, after the lock: it sees a replacement that a
+    // concurrent reissue committed while this one waited for the row.
+    let replaced_by: Option<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM activation_code WHERE replaces = $1 ORDER BY issued_at DESC LIMIT 1",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
     let state: String = row.get("state");
     Ok(Locked {
         id,
@@ -256,7 +262,7 @@ async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Locked, Refused> {
             .get::<Option<String>, _>("revoked_cause")
             .as_deref()
             .and_then(RevokedCause::parse),
-        replaced_by: row.get("replaced_by"),
+        replaced_by,
         expires_at: row.get("expires_at"),
     })
 }
@@ -297,6 +303,19 @@ fn checked_email(email: &str) -> Result<String, Refused> {
         return Err(Refused::invalid("invalid_email", "email is not an address"));
     }
     Ok(email.to_owned())
+}
+
+/// Whether a refund or cancellation was applied to `order`.
+async fn order_adjusted(conn: &mut PgConnection, order: Option<Uuid>) -> sqlx::Result<bool> {
+    let Some(order) = order else {
+        return Ok(false);
+    };
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM order_adjustment WHERE order_id = $1 AND applied_at IS NOT NULL)",
+    )
+    .bind(order)
+    .fetch_one(&mut *conn)
+    .await
 }
 
 /// What revoking did.
@@ -368,7 +387,9 @@ async fn replace(
     code: &Locked,
     extra: Value,
 ) -> Result<CodeRef, Refused> {
-    if code.state == CodeState::Issued {
+    // An expired original dies too, or extending its expiry would bring it
+    // back beside its replacement.
+    if matches!(code.state, CodeState::Issued | CodeState::Expired) {
         set_revoked(conn, code.id, "reissue").await?;
     }
     let batch_id = Uuid::now_v7();
@@ -422,7 +443,7 @@ pub async fn reissue(
     let code = lock(conn, id).await?;
     code.state.check(Change::Reissue)?;
     if !force {
-        if code.replaced_by.is_some() {
+        if code.replaced_by.is_some() || code.revoked_cause == Some(RevokedCause::Reissue) {
             return Err(Refused::conflict(
                 "code_already_replaced",
                 "the code was already replaced; reissue its replacement, or force to replace it again",
@@ -432,6 +453,14 @@ pub async fn reissue(
             return Err(Refused::conflict(
                 "code_revoked_by_refund",
                 "the code was revoked by a refund or cancellation; force to reissue it anyway",
+            ));
+        }
+        // An expired code of a refunded order was never revoked by the
+        // refund (only issued codes are), but reissuing it would undo it.
+        if code.state == CodeState::Expired && order_adjusted(conn, code.order_id).await? {
+            return Err(Refused::conflict(
+                "code_revoked_by_refund",
+                "the code's order was refunded or cancelled; force to reissue it anyway",
             ));
         }
     }
@@ -603,6 +632,12 @@ pub async fn change_expiry(
 ) -> Result<ExpiryChanged, Refused> {
     let code = lock(conn, id).await?;
     code.state.check(Change::ChangeExpiry)?;
+    if code.replaced_by.is_some() {
+        return Err(Refused::conflict(
+            "code_already_replaced",
+            "the code was replaced; change its replacement's expiry",
+        ));
+    }
     let state: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "UPDATE activation_code c SET {SET_EXPIRY} WHERE c.id = $1 RETURNING c.state"
     )))
@@ -658,8 +693,11 @@ pub async fn change_order_expiry(
         .collect();
     let changed: Vec<(Uuid, DateTime<Utc>, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "WITH old AS (SELECT c.id, c.expires_at, c.state FROM activation_code c
-                      JOIN order_line l ON l.id = c.order_line_id
-                      WHERE l.order_id = $1 AND c.state = ANY($3) FOR UPDATE OF c)
+                      WHERE (c.order_line_id IN (SELECT id FROM order_line WHERE order_id = $1)
+                             OR c.batch_id IN (SELECT id FROM code_batch WHERE order_id = $1))
+                        AND c.state = ANY($3)
+                        AND NOT EXISTS (SELECT 1 FROM activation_code r WHERE r.replaces = c.id)
+                      FOR UPDATE OF c)
          UPDATE activation_code c SET {SET_EXPIRY}
          FROM old WHERE c.id = old.id
          RETURNING c.id, old.expires_at, old.state"
@@ -705,13 +743,24 @@ pub async fn resend(
     email: Option<&str>,
 ) -> Result<Resent, Refused> {
     let email = email.map(checked_email).transpose()?;
-    let original: Option<(Option<Uuid>, String, Option<String>)> = sqlx::query_as(
-        "SELECT order_id, recipient_email, recipient_name FROM email_delivery WHERE id = $1 FOR UPDATE",
+    let original: Option<(Option<Uuid>, String, Option<String>, bool)> = sqlx::query_as(
+        "SELECT order_id, recipient_email, recipient_name,
+                status = 'pending' AND send_after > now() AS scheduled
+         FROM email_delivery WHERE id = $1 FOR UPDATE",
     )
     .bind(id)
     .fetch_optional(&mut *conn)
     .await?;
-    let (order_id, original_to, original_name) = original.ok_or(Refused::NotFound("delivery"))?;
+    let (order_id, original_to, original_name, scheduled) =
+        original.ok_or(Refused::NotFound("delivery"))?;
+    if scheduled {
+        // A gift for a later date: resending now would spoil it, and the
+        // original still goes on its day.
+        return Err(Refused::conflict(
+            "delivery_scheduled",
+            "the email is scheduled for later; it has not been sent yet",
+        ));
+    }
     let redirected = email
         .as_deref()
         .is_some_and(|e| !e.eq_ignore_ascii_case(original_to.trim()));
@@ -719,8 +768,10 @@ pub async fn resend(
         return Err(Refused::Forbidden(Role::Operator));
     }
     let live: Vec<Uuid> = sqlx::query_scalar(
+        // Locked, so a code redeemed meanwhile is not also replaced (the
+        // state is checked again on the locked row).
         "SELECT c.id FROM email_delivery_code dc JOIN activation_code c ON c.id = dc.code_id
-         WHERE dc.delivery_id = $1 AND c.state = 'issued' ORDER BY dc.position",
+         WHERE dc.delivery_id = $1 AND c.state = 'issued' ORDER BY dc.position FOR UPDATE OF c",
     )
     .bind(id)
     .fetch_all(&mut *conn)
@@ -739,6 +790,7 @@ pub async fn resend(
         codes.clear();
         for code_id in &live {
             let code = lock(conn, *code_id).await?;
+            code.state.check(Change::Revoke)?;
             let replacement = replace(
                 conn,
                 ctx,

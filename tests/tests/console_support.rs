@@ -113,8 +113,17 @@ async fn support_traces_an_order_and_a_revoked_code_is_refused_with_its_story_on
     );
     browser.screenshot("console-code").await;
 
-    // A double-submitted revoke acts once.
+    // A code pasted into the header's box opens its page, never a URL
+    // holding it.
     let second = code_id(&app, 1).await;
+    browser.fill("#q", &codes[1]).await;
+    browser.click("form.search button").await;
+    browser.wait_for_text("Refused redemptions").await;
+    assert_eq!(browser.path().await, format!("/console/codes/{second}"));
+    let url = browser.client.current_url().await.unwrap().to_string();
+    assert!(!url.contains(&codes[1][..4]), "{url}");
+
+    // A double-submitted revoke acts once.
     browser.goto(&format!("/console/codes/{second}")).await;
     browser.wait_for_text("Refused redemptions").await;
     confirm(&browser, "revoke", "duplicate order").await;
@@ -238,6 +247,7 @@ async fn a_batch_of_five_is_created_and_its_csv_downloaded_once() {
     assert_eq!(app.count("SELECT count(*) FROM activation_code").await, 5);
 
     confirm(&browser, "export", "to the partner").await;
+    // A double click: the same form twice gets the same file twice.
     let answers = browser.post_form("form[action$='/export']", 2).await;
     let (status, _, csv) = &answers[0];
     assert_eq!(*status, 200);
@@ -251,9 +261,24 @@ async fn a_batch_of_five_is_created_and_its_csv_downloaded_once() {
         );
     }
     assert_eq!(
-        (answers[1].0, answers[1].1.as_str()),
+        (answers[1].0, &answers[1].2),
+        (200, csv),
+        "the same form again"
+    );
+    // Any other request for it is refused: the file exists in one copy.
+    browser
+        .script("document.querySelector('form[action$=\"/export\"] input[name=form_key]').value = crypto.randomUUID();")
+        .await;
+    let again = browser.post_form("form[action$='/export']", 1).await;
+    assert_eq!(
+        (again[0].0, again[0].1.as_str()),
         (409, "batch_already_exported"),
-        "the second download is refused"
+        "a second download is refused"
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM audit_event WHERE action = 'batch.exported'")
+            .await,
+        1
     );
     browser.goto(browser.path().await.as_str()).await;
     let text = browser.wait_for_text("downloaded").await;

@@ -283,3 +283,76 @@ async fn refused_redemptions_are_recorded_on_the_code_and_bounded() {
     assert_eq!(other["refusals"][0]["account_id"], "acct_other");
     assert_eq!(other["refusals"].as_array().unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_reissues_of_one_code_yield_one_replacement_and_an_expired_original_dies() {
+    let app = TestApp::spawn().await;
+    let (_, _, ids) = order(&app, "vic", 2).await;
+    let reissue = |id: &str| format!("/admin/v1/codes/{id}/reissue");
+    let (a, b) = (
+        app.token(Role::Operator).await,
+        app.token(Role::Operator).await,
+    );
+    let path = reissue(&ids[0]);
+    let (first, second) = tokio::join!(
+        post(&app, &a, &path, json!({ "reason": "lost" })),
+        post(&app, &b, &path, json!({ "reason": "lost too" })),
+    );
+    let mut statuses = [first.0, second.0];
+    statuses.sort();
+    assert_eq!(statuses, [201, 409], "{first:?} {second:?}");
+    assert_eq!(
+        app.count("SELECT count(*) FROM activation_code WHERE replaces IS NOT NULL")
+            .await,
+        1,
+        "one replacement"
+    );
+
+    // An expired code is replaced and dies: extending it cannot revive it.
+    sqlx::query(
+        "UPDATE activation_code SET state = 'expired', expired_at = now(), expires_at = now()
+         WHERE id = $1::uuid",
+    )
+    .bind(&ids[1])
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let (status, _) = post(
+        &app,
+        &a,
+        &reissue(&ids[1]),
+        json!({ "reason": "expired early" }),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let state: String = sqlx::query_scalar("SELECT state FROM activation_code WHERE id = $1::uuid")
+        .bind(&ids[1])
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "revoked");
+    let (status, answer) = post(
+        &app,
+        &a,
+        &format!("/admin/v1/codes/{}/expiry", ids[1]),
+        json!({ "reason": "goodwill", "expires_at": "2035-01-01T00:00:00Z" }),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["code"].as_str()),
+        (409, Some("code_already_revoked"))
+    );
+
+    // Replacement batches come only from reissues.
+    let (status, answer) = post(
+        &app,
+        &a,
+        "/admin/v1/batches",
+        json!({ "product_sku": "KIT-BASIC", "quantity": 1, "kind": "replacement", "reason": "hand-made" }),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["code"].as_str()),
+        (422, Some("invalid_request"))
+    );
+}

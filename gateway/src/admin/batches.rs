@@ -107,6 +107,7 @@ async fn export(
     actor: Actor,
     State(state): State<AppState>,
     Path(id): Path<Uuid>,
+    headers: HeaderMap,
     ApiJson(request): ApiJson<ExportRequest>,
 ) -> Result<Response, ApiError> {
     actor.require(Role::Operator)?;
@@ -117,7 +118,9 @@ async fn export(
         role: actor.role,
         reason: &request.reason,
     };
-    let csv = batch::export(&mut tx, &state.ctx, who, id).await?;
+    // The same request again (its Idempotency-Key) gets the file again.
+    let key = super::idempotency_key(&headers)?.map(|k| format!("{}:{k}", actor.name));
+    let csv = batch::export(&mut tx, &state.ctx, who, id, key.as_deref()).await?;
     tx.commit().await?;
     Ok(csv_attachment(&format!("batch-{id}.csv"), csv))
 }

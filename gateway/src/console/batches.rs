@@ -194,10 +194,11 @@ async fn export(
     State(console): State<Console>,
     staff: StaffMember,
     Path(id): Path<Uuid>,
-    CsrfForm { form, .. }: CsrfForm<Confirmed>,
+    CsrfForm { form, form_key }: CsrfForm<Confirmed>,
 ) -> Result<Response, PageError> {
     staff.require(Role::Operator)?;
     form.check()?;
+    let key = form_key.map(|k| format!("console:{}:{k}", staff.name));
     let actor = staff.actor();
     let mut tx = console.ctx.pool.begin().await?;
     let who = entitle_jobs::lifecycle::Who {
@@ -205,7 +206,7 @@ async fn export(
         role: actor.role,
         reason: form.reason.trim(),
     };
-    let csv = batch::export(&mut tx, &console.ctx, who, id).await?;
+    let csv = batch::export(&mut tx, &console.ctx, who, id, key.as_deref()).await?;
     tx.commit().await?;
     Ok(csv_attachment(&format!("batch-{id}.csv"), csv))
 }

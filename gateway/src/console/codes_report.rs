@@ -73,8 +73,8 @@ async fn counts(console: &Console, from: NaiveDate, to: NaiveDate) -> Result<Vec
              SELECT CASE WHEN c.order_line_id IS NOT NULL THEN 'checkout: ' || o.channel
                          WHEN c.batch_id IS NOT NULL THEN 'batch: ' || b.kind
                          ELSE 'no origin' END AS origin,
-                    CASE WHEN c.state = 'revoked' AND c.revoked_cause = 'reissue' THEN 'replaced'
-                         ELSE c.state END AS state
+                    CASE WHEN EXISTS (SELECT 1 FROM activation_code r WHERE r.replaces = c.id)
+                         THEN 'replaced' ELSE c.state END AS state
              FROM activation_code c
              LEFT JOIN order_line l ON l.id = c.order_line_id
              LEFT JOIN orders o ON o.id = l.order_id

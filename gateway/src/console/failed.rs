@@ -52,6 +52,8 @@ struct WaitingDelivery {
     last_error: Option<String>,
     due_at: DateTime<Utc>,
     created_at: DateTime<Utc>,
+    /// Codes it carries (a receipt carries none: nothing to resend).
+    codes: i64,
 }
 
 async fn page(
@@ -74,14 +76,15 @@ async fn page(
     .fetch_all(pool)
     .await?;
     let deliveries: Vec<WaitingDelivery> = sqlx::query_as(
-        "(SELECT id, order_id, kind, recipient_email, status, attempts, error_code, last_error,
-                 due_at, created_at
-          FROM email_delivery WHERE status = 'failed' ORDER BY created_at DESC LIMIT $1)
-         UNION ALL
-         (SELECT id, order_id, kind, recipient_email, status, attempts, error_code, last_error,
-                 due_at, created_at
-          FROM email_delivery WHERE status IN ('pending', 'sending') AND attempts > 0
-          ORDER BY due_at LIMIT $1)",
+        "SELECT d.*, (SELECT count(*) FROM email_delivery_code dc WHERE dc.delivery_id = d.id) AS codes
+         FROM ((SELECT id, order_id, kind, recipient_email, status, attempts, error_code, last_error,
+                       due_at, created_at
+                FROM email_delivery WHERE status = 'failed' ORDER BY created_at DESC LIMIT $1)
+               UNION ALL
+               (SELECT id, order_id, kind, recipient_email, status, attempts, error_code, last_error,
+                       due_at, created_at
+                FROM email_delivery WHERE status IN ('pending', 'sending') AND attempts > 0
+                ORDER BY due_at LIMIT $1)) d",
     )
     .bind(SHOWN)
     .fetch_all(pool)

@@ -48,7 +48,8 @@ async fn page(
     Path(id): Path<Uuid>,
     Query(query): Query<PageQuery>,
 ) -> Result<Html<String>, PageError> {
-    let page = query.page.unwrap_or(1).max(1);
+    // Past the last page shows nothing; far past it must not overflow.
+    let page = query.page.unwrap_or(1).clamp(1, 1_000_000);
     let order = order_view_window(
         &console.ctx.pool,
         id,

@@ -92,13 +92,14 @@ static ENVIRONMENT: LazyLock<Environment<'static>> = LazyLock::new(|| {
     env.add_function("form_key", || super::form_key().to_string());
     env.add_filter("datetime", datetime);
     // `{{ cents | money }}`: minor units as `40.00`.
-    env.add_filter("money", |cents: i64| {
-        format!(
+    env.add_filter("money", |cents: Option<i64>| match cents {
+        Some(c) => format!(
             "{}{}.{:02}",
-            if cents < 0 { "-" } else { "" },
-            cents.abs() / 100,
-            cents.abs() % 100
-        )
+            if c < 0 { "-" } else { "" },
+            c.abs() / 100,
+            c.abs() % 100
+        ),
+        None => "–".to_owned(),
     });
     env
 });

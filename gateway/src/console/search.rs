@@ -23,7 +23,7 @@ const LIMIT: i64 = 50;
 
 pub fn router() -> Router<Console> {
     Router::new()
-        .route("/console/search", get(page))
+        .route("/console/search", get(page).post(header_search))
         .route("/console/search/code", post(typed_code))
 }
 
@@ -153,6 +153,29 @@ async fn page(
 }
 
 #[derive(Deserialize)]
+struct HeaderSearch {
+    #[serde(default)]
+    q: String,
+}
+
+/// The header's box posts, so that a code pasted into it never lands in a
+/// URL: code-shaped input is looked up as a code, anything else becomes the
+/// search page's query.
+async fn header_search(
+    State(console): State<Console>,
+    staff: StaffMember,
+    CsrfForm { form, .. }: CsrfForm<HeaderSearch>,
+) -> Result<Response, PageError> {
+    let q = form.q.trim();
+    let symbols: String = q.chars().filter(|c| !matches!(c, '-' | ' ')).collect();
+    if symbols.len() == 16 && symbols.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return lookup(&console, &staff, q).await;
+    }
+    let query = serde_urlencoded::to_string([("q", q)]).unwrap_or_default();
+    Ok(Redirect::to(&format!("/console/search?{query}")).into_response())
+}
+
+#[derive(Deserialize)]
 struct TypedCode {
     #[serde(default)]
     code: String,
@@ -161,10 +184,18 @@ struct TypedCode {
 /// A code as the customer typed it: checked, hashed, found, and opened.
 async fn typed_code(
     State(console): State<Console>,
-    _staff: StaffMember,
+    staff: StaffMember,
     CsrfForm { form, .. }: CsrfForm<TypedCode>,
 ) -> Result<Response, PageError> {
-    let code = Code::parse(&form.code).map_err(|e| {
+    lookup(&console, &staff, &form.code).await
+}
+
+async fn lookup(
+    console: &Console,
+    _staff: &StaffMember,
+    typed: &str,
+) -> Result<Response, PageError> {
+    let code = Code::parse(typed).map_err(|e| {
         PageError::new(
             axum::http::StatusCode::UNPROCESSABLE_ENTITY,
             "code_malformed",
