@@ -386,3 +386,34 @@ async fn an_order_of_two_thousand_codes_is_shown_a_page_at_a_time() {
     browser.wait_for_text("1901–2000 of 2000").await;
     browser.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_double_submitted_invitation_creates_the_member_once() {
+    let app = app().await;
+    let browser = signed_in(&app, "ada", Role::Admin).await;
+    browser.click("nav a[href='/console/staff']").await;
+    browser.wait_for_text("Invite").await;
+    browser.fill("#invite-name", "nell").await;
+    browser.fill("#invite-email", "nell@staff.test").await;
+    browser.fill("#invite-reason", "joined support").await;
+    let answers = browser.post_form("form[action='/console/staff']", 2).await;
+    assert_eq!(answers[0].0, 200, "the first creates the member");
+    assert_eq!(
+        (answers[1].0, answers[1].1.as_str()),
+        (409, "already_invited"),
+        "the second says so, and creates nothing"
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM staff_member WHERE email = 'nell@staff.test'")
+            .await,
+        1
+    );
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM audit_event WHERE action = 'staff.created' AND actor = 'ada'"
+        )
+        .await,
+        1
+    );
+    browser.close().await;
+}

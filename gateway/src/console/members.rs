@@ -89,6 +89,20 @@ pub async fn create(
     actor: &str,
     reason: &str,
 ) -> Result<Member, MemberError> {
+    let mut tx = pool.begin().await?;
+    let created = create_in(&mut tx, new, actor, reason).await?;
+    tx.commit().await?;
+    Ok(created)
+}
+
+/// [`create`], in the caller's transaction (the console's invite, which
+/// also records its form's one-time key there).
+pub async fn create_in(
+    tx: &mut sqlx::PgConnection,
+    new: NewMember<'_>,
+    actor: &str,
+    reason: &str,
+) -> Result<Member, MemberError> {
     let name = new.name.trim();
     let email = new.email.trim();
     // `system:`, `operator:`, `customer:` are the audit log's own actors.
@@ -110,7 +124,6 @@ pub async fn create(
         ));
     }
     let hash = password::hash_blocking(new.password.to_owned()).await?;
-    let mut tx = pool.begin().await?;
     let row: MemberRow = sqlx::query_as(concat!(
         "INSERT INTO staff_member (id, name, email, role, password_hash)
          VALUES ($1, $2, $3, $4, $5) RETURNING ",
@@ -133,7 +146,7 @@ pub async fn create(
     )?;
     let created = member(row);
     audit::record(
-        &mut tx,
+        &mut *tx,
         AuditEvent {
             actor,
             action: "staff.created",
@@ -147,7 +160,6 @@ pub async fn create(
         },
     )
     .await?;
-    tx.commit().await?;
     Ok(created)
 }
 

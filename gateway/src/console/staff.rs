@@ -82,7 +82,7 @@ async fn list(
     .into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, serde::Serialize)]
 struct Invite {
     name: String,
     email: String,
@@ -95,25 +95,56 @@ struct Invite {
 async fn invite(
     State(console): State<Console>,
     staff: StaffMember,
-    CsrfForm { form, .. }: CsrfForm<Invite>,
+    CsrfForm { form, form_key }: CsrfForm<Invite>,
 ) -> Result<Response, PageError> {
     staff.require(Role::Admin)?;
     let why = reason(&form.reason)?;
     let role = role(&form.role)?;
     let one_time = password::generate();
-    let member = members::create(
-        &console.ctx.pool,
+    // The form's one-time key: a double-submitted invite creates the member
+    // once (the one-time password is never stored, so it is not shown again).
+    let actor = staff.actor();
+    let key = form_key.map(|k| format!("console:{k}"));
+    let mut action = match crate::admin::Action::begin_keyed(
+        &console.ctx,
+        &actor,
+        key,
+        why,
+        "POST /console/staff",
+        &form,
+    )
+    .await?
+    {
+        crate::admin::Begun::Fresh(action) => action,
+        crate::admin::Begun::Replayed(_) => {
+            return Err(PageError::new(
+                axum::http::StatusCode::CONFLICT,
+                "already_invited",
+                "Already invited",
+                "This invitation was sent before, and its one-time password was shown then. \
+                 If it was lost, disable the member and invite them again.",
+            ));
+        }
+    };
+    let member = members::create_in(
+        &mut action.tx,
         NewMember {
             name: &form.name,
             email: &form.email,
             role,
             password: &one_time,
         },
-        &staff.actor().name,
+        &actor.name,
         why,
     )
     .await
     .map_err(member_error)?;
+    let _stored = action
+        .finish((
+            axum::http::StatusCode::OK,
+            axum::Json(serde_json::json!({ "member": member.id })),
+        ))
+        .await?;
     let html = render(
         "staff_invited.html",
         Some(&staff),
