@@ -27,12 +27,16 @@ pub struct AppState {
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
     let max_body = state.ctx.config.gateway.max_body_bytes;
-    Router::new()
+    let mut router = Router::new()
         .merge(routes::health::router())
         .merge(routes::webhooks::router())
         .merge(routes::redemptions::router())
         .merge(admin::router())
-        .merge(console::router(&state))
+        .merge(console::router(&state));
+    if state.ctx.config.gateway.redeem_page {
+        router = router.merge(routes::redeem_page::router());
+    }
+    router
         .layer(DefaultBodyLimit::max(max_body))
         .layer(TraceLayer::new_for_http())
         .with_state(state)

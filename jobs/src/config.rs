@@ -79,6 +79,8 @@ pub struct RedisConfig {
 pub struct GatewayConfig {
     pub listen: SocketAddr,
     pub max_body_bytes: usize,
+    /// Serve the minimal hosted redeem page at `/redeem`.
+    pub redeem_page: bool,
 }
 
 /// `[worker]`
@@ -331,8 +333,13 @@ impl Config {
                 "must be between 0.1 and 1.0",
             ));
         }
-        reqwest::Url::parse(&self.email.redeem_url)
-            .map_err(|e| invalid("email.redeem_url", e.to_string()))?;
+        reqwest::Url::parse(
+            &self
+                .email
+                .redeem_url
+                .replace("{code}", "XXXX-XXXX-XXXX-XXXX"),
+        )
+        .map_err(|e| invalid("email.redeem_url", e.to_string()))?;
         self.email
             .from
             .parse::<lettre::message::Mailbox>()

@@ -145,6 +145,18 @@ pub struct Mailer {
     templates: Environment<'static>,
 }
 
+/// The redeem page of `url` without its `{code}` slot: up to the `?` or
+/// `#` that starts the part holding it (or the URL as it is, without one).
+pub fn redeem_page(url: &str) -> String {
+    match url.find("{code}") {
+        None => url.to_owned(),
+        Some(slot) => {
+            let cut = url[..slot].rfind(['?', '#']).unwrap_or(slot);
+            url[..cut].to_owned()
+        }
+    }
+}
+
 impl std::fmt::Debug for Mailer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Mailer").field("from", &self.from).finish()
@@ -197,7 +209,12 @@ impl Mailer {
     ) -> anyhow::Result<Letter> {
         let context = minijinja::context! {
             recipient_name => to.name.clone(),
-            redeem_url => self.redeem_url,
+            // `redeem_link | replace("{code}", code.display)`: a link that
+            // carries the code, when the platform's URL has a `{code}` slot
+            // (best in the fragment, `#code={code}`, which no server logs);
+            // `redeem_url`: the page itself.
+            redeem_url => redeem_page(&self.redeem_url),
+            redeem_link => self.redeem_url,
             attachment_name => attachment.as_ref().map(|a| a.filename.clone()),
             ..context
         };

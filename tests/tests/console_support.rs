@@ -417,3 +417,66 @@ async fn a_double_submitted_invitation_creates_the_member_once() {
     );
     browser.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_link_in_a_code_email_opens_the_redeem_page_with_the_code_and_redeems_it() {
+    let app = TestApp::spawn_configured(
+        Default::default(),
+        json!({ "email": { "redeem_url": "https://shop.test/redeem#code={code}" } }),
+    )
+    .await;
+    let codes = order(&app, "lena", 1).await;
+    let mail = &app.mails(1).await[0];
+    let link = mail
+        .text()
+        .split_whitespace()
+        .find(|w| w.starts_with("https://shop.test/redeem#code="))
+        .map(str::to_owned)
+        .expect("the email links to the redeem page");
+    assert_eq!(
+        link,
+        format!("https://shop.test/redeem#code={}", codes[0]),
+        "in the fragment"
+    );
+
+    // The demo's page, where the link would point on a local run.
+    let browser = Browser::start(&app.address).await;
+    browser.goto(&link.replace("https://shop.test", "")).await;
+    browser.wait_for_text("Redeem a code").await;
+    let filled = browser
+        .script("return document.getElementById('code').value;")
+        .await;
+    assert_eq!(
+        filled,
+        json!(codes[0]),
+        "the page took the code from the link"
+    );
+    browser.fill("#account", "acct_lena").await;
+    browser.fill("#entity", "Lena").await;
+    browser.screenshot("redeem-page").await;
+    browser.click("form button").await;
+    let text = browser.wait_for_text("Redeemed").await;
+    assert!(
+        text.contains("Basic test kit") && text.contains("Lena"),
+        "{text}"
+    );
+    let (state, account): (String, String) = sqlx::query_as(
+        "SELECT c.state, a.account_id FROM activation_code c JOIN assignment a ON a.code_id = c.id",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (state.as_str(), account.as_str()),
+        ("redeemed", "acct_lena")
+    );
+
+    // The same code again, for someone else: refused, and said so.
+    browser.goto("/redeem").await;
+    browser.fill("#code", &codes[0]).await;
+    browser.fill("#account", "acct_other").await;
+    browser.fill("#entity", "Other").await;
+    browser.click("form button").await;
+    browser.wait_for_text("already redeemed").await;
+    browser.close().await;
+}

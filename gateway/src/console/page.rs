@@ -47,6 +47,10 @@ const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../templates/console/staff_invited.html"),
     ),
     (
+        "redeem.html",
+        include_str!("../../templates/console/redeem.html"),
+    ),
+    (
         "code.html",
         include_str!("../../templates/console/code.html"),
     ),

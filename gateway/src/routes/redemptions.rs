@@ -25,7 +25,8 @@ pub struct RedeemRequest {
 
 const MAX_REF_LEN: usize = 200;
 
-fn check_ref(name: &str, value: &str) -> Result<(), ApiError> {
+/// Refuses an empty or over-long account id or entity.
+pub fn check_ref(name: &str, value: &str) -> Result<(), ApiError> {
     if value.trim().is_empty() || value.len() > MAX_REF_LEN {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
