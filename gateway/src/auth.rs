@@ -48,8 +48,11 @@ impl FromRequestParts<AppState> for Actor {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| unauthorized("send Authorization: Bearer <token>"))?;
+        // The scheme is case-insensitive (RFC 9110): `bearer` works too.
         let token = header
-            .strip_prefix("Bearer ")
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token)
             .ok_or_else(|| unauthorized("the Authorization header must be Bearer <token>"))?;
         match token::authenticate(&state.ctx.pool, token.trim()).await? {
             Some((name, role)) => Ok(Actor { name, role }),

@@ -83,6 +83,43 @@ impl From<entitle_jobs::lifecycle::Refused> for ApiError {
     }
 }
 
+/// Gives every error answer the one JSON shape, whoever produced it: axum's
+/// own refusals (an unparsable path id, a body over the limit, a missing
+/// content type) are plain text, and a route or method the router does not
+/// have answers an empty body. HTML pages (the console's) pass unchanged.
+pub async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let content_type = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !(content_type.is_empty() || content_type.starts_with("text/plain")) {
+        return response;
+    }
+    let detail = match axum::body::to_bytes(response.into_body(), 4096).await {
+        Ok(bytes) if !bytes.is_empty() => String::from_utf8_lossy(&bytes).into_owned(),
+        _ => status
+            .canonical_reason()
+            .unwrap_or("the request was refused")
+            .to_lowercase(),
+    };
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::NOT_FOUND => "route_not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "invalid_body",
+        s if s.is_server_error() => "internal",
+        _ => "request_refused",
+    };
+    ApiError::new(status, code, detail).into_response()
+}
+
 /// A JSON body whose rejection is an [`ApiError`] with code `invalid_body`.
 #[derive(Debug)]
 pub struct ApiJson<T>(pub T);
@@ -97,6 +134,10 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(value)) => Ok(ApiJson(value)),
+            // A body over the limit says so; nothing else about it is wrong.
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(
+                ApiError::new(rejection.status(), "body_too_large", rejection.body_text()),
+            ),
             Err(rejection) => Err(ApiError::new(
                 match rejection {
                     JsonRejection::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -38,6 +38,7 @@ pub fn router(state: AppState) -> Router {
     }
     router
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::map_response(error::json_errors))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
