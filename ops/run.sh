@@ -80,7 +80,7 @@ wait_for_port 127.0.0.1 8080 "the gateway"
 cat >&2 <<TEXT
 
 Entitle is running.
-  gateway    http://127.0.0.1:8080   (health: /healthz, /readyz, metrics: /metrics)
+  gateway    http://127.0.0.1:8080   (health: /healthz, /readyz; metrics: http://127.0.0.1:9090/metrics)
   console    http://127.0.0.1:8080/console   sign in as $console_login
   emails     var/mail/*.eml          (SMTP sink on 127.0.0.1:2525)
   config     $config

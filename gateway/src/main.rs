@@ -112,6 +112,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Some(Command::Serve) | None => {}
     }
+    if let Ok(address) = ctx.config.gateway.metrics_listen.parse() {
+        entitle_jobs::telemetry::serve_metrics(address, "gateway.metrics_listen")?;
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("Failed to listen on {listen} (gateway.listen)"))?;

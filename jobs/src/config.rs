@@ -81,6 +81,8 @@ pub struct GatewayConfig {
     pub max_body_bytes: usize,
     /// Serve the minimal hosted redeem page at `/redeem`.
     pub redeem_page: bool,
+    /// Where the gateway serves `/metrics` (never on `listen`); empty: off.
+    pub metrics_listen: String,
 }
 
 /// `[worker]`
@@ -220,13 +222,24 @@ impl Config {
                 "must be non-empty without spaces",
             ));
         }
-        if !self.worker.metrics_listen.is_empty()
-            && self.worker.metrics_listen.parse::<SocketAddr>().is_err()
-        {
-            return Err(invalid(
+        for (key, value, example) in [
+            (
                 "worker.metrics_listen",
-                "must be empty or an address like 127.0.0.1:9091",
-            ));
+                &self.worker.metrics_listen,
+                "127.0.0.1:9091",
+            ),
+            (
+                "gateway.metrics_listen",
+                &self.gateway.metrics_listen,
+                "127.0.0.1:9090",
+            ),
+        ] {
+            if !value.is_empty() && value.parse::<SocketAddr>().is_err() {
+                return Err(invalid(
+                    key,
+                    format!("must be empty or an address like {example}"),
+                ));
+            }
         }
         if self.worker.poll_interval_ms == 0 {
             return Err(invalid("worker.poll_interval_ms", "must be at least 1"));

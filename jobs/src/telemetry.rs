@@ -4,10 +4,11 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
 /// Installs the process-wide Prometheus recorder once and returns its handle;
 /// later calls (several servers in one test process) share it.
 pub fn metrics() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
             PrometheusBuilder::new()
@@ -17,15 +18,28 @@ pub fn metrics() -> PrometheusHandle {
         .clone()
 }
 
-/// Serves this process's metrics as Prometheus text on `address` (the worker
-/// has no HTTP server of its own).
-pub fn serve_metrics(address: std::net::SocketAddr) -> anyhow::Result<()> {
-    PrometheusBuilder::new()
+/// Installs the recorder with its own HTTP listener on `address`, serving
+/// the metrics as Prometheus text there (never on a public port). Call it
+/// before anything records a metric; `setting` names the key for errors.
+pub fn serve_metrics(address: std::net::SocketAddr, setting: &str) -> anyhow::Result<()> {
+    let failed = |e: &dyn std::fmt::Display| {
+        anyhow::anyhow!("Failed to serve metrics on {address} ({setting}): {e}")
+    };
+    let (recorder, exporter) = PrometheusBuilder::new()
         .with_http_listener(address)
-        .install()
-        .map_err(|e| {
-            anyhow::anyhow!("Failed to serve metrics on {address} (worker.metrics_listen): {e}")
-        })
+        .build()
+        .map_err(|e| failed(&e))?;
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).map_err(|e| failed(&e))?;
+    HANDLE
+        .set(handle)
+        .map_err(|_| failed(&"a recorder was already installed"))?;
+    tokio::spawn(async move {
+        if let Err(e) = exporter.await {
+            tracing::error!(error = ?e, "the metrics listener stopped");
+        }
+    });
+    Ok(())
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`); JSON when

@@ -116,7 +116,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Run) | None => {}
     }
     if let Ok(address) = ctx.config.worker.metrics_listen.parse() {
-        entitle_jobs::telemetry::serve_metrics(address)?;
+        entitle_jobs::telemetry::serve_metrics(address, "worker.metrics_listen")?;
     }
     entitle_worker::run(ctx, entitle_jobs::shutdown::signal()).await
 }

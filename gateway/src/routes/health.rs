@@ -1,5 +1,6 @@
-//! Liveness, readiness (Postgres answers: it is all the gateway needs) and
-//! Prometheus metrics.
+//! Liveness and readiness (Postgres answers: it is all the gateway needs).
+//! Metrics are served on their own listener (`gateway.metrics_listen`),
+//! never on the public port.
 
 use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
 use serde_json::{Value, json};
@@ -33,13 +34,8 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     )
 }
 
-async fn metrics(State(state): State<AppState>) -> String {
-    state.metrics.render()
-}
-
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
 }

@@ -178,6 +178,7 @@ async fn drain(
     stack.start_workers(workers)?;
     let limit = Duration::from_secs(120 + (n / 50) as u64);
     let drained = wait_drained(stack, n, started, limit).await?;
+    stack.check_workers()?;
     stack.stop_workers().await?;
     check_exactly_once(stack, run, n).await?;
     println!(
@@ -207,6 +208,7 @@ async fn steady(stack: &mut Stack, opts: &Options) -> anyhow::Result<Histogram<u
     let posted = load::post_at_rate(&stack.gateway_url, load::purchases(run, n), opts.rate).await?;
     let started = Instant::now();
     wait_drained(stack, n, started, Duration::from_secs(120)).await?;
+    stack.check_workers()?;
     stack.stop_workers().await?;
     check_exactly_once(stack, run, n).await?;
     let pairs: Vec<(String, String)> = sqlx::query_as(

@@ -189,6 +189,7 @@ message_id_domain = "entitle.bench"
     pub async fn start_gateway(&mut self) -> anyhow::Result<()> {
         let child = self
             .command("entitle-gateway", "serve")
+            .env("ENTITLE_GATEWAY__METRICS_LISTEN", "127.0.0.1:0")
             .stdout(self.log("gateway")?)
             .stderr(self.log("gateway")?)
             .spawn()
@@ -212,17 +213,33 @@ message_id_domain = "entitle.bench"
         )
     }
 
-    /// Starts `n` worker processes.
+    /// Starts `n` worker processes, each with a metrics listener of its own
+    /// (on the default port the second would fail to start).
     pub fn start_workers(&mut self, n: usize) -> anyhow::Result<()> {
         for i in 0..n {
             let what = format!("worker-{}", self.workers.len() + i);
             let child = self
                 .command("entitle-worker", "run")
+                .env("ENTITLE_WORKER__METRICS_LISTEN", "127.0.0.1:0")
                 .stdout(self.log(&what)?)
                 .stderr(self.log(&what)?)
                 .spawn()
                 .context("starting entitle-worker")?;
             self.workers.push(child);
+        }
+        Ok(())
+    }
+
+    /// Fails when a worker process has exited (a drain would then measure
+    /// fewer workers than it says).
+    pub fn check_workers(&mut self) -> anyhow::Result<()> {
+        for (i, worker) in self.workers.iter_mut().enumerate() {
+            if let Some(status) = worker.try_wait()? {
+                bail!(
+                    "worker-{i} exited ({status}); see {}",
+                    self.dir.join(format!("worker-{i}.log")).display()
+                );
+            }
         }
         Ok(())
     }
