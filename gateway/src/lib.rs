@@ -62,6 +62,13 @@ pub async fn run(
     tracing::info!(address = %listener.local_addr()?, "gateway listening");
     // The console limits sign-in attempts per client address.
     let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    // Answers go out at once: with Nagle's algorithm a response written in
+    // two parts waits for the client's delayed ACK (~40 ms).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY could not be set");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;

@@ -174,6 +174,7 @@ async fn drain(
         "  {run}: {n} webhooks filed in {:.1} s; starting {workers} worker process(es)",
         posted.elapsed.as_secs_f64()
     );
+    stack::checkpoint(&stack.pool).await?;
     let started = Instant::now();
     stack.start_workers(workers)?;
     let limit = Duration::from_secs(120 + (n / 50) as u64);
@@ -271,11 +272,13 @@ pub async fn run(opts: &Options) -> anyhow::Result<Vec<Figure>> {
         &opts.settings,
     )
     .await?;
+    let stack_pool = stack.pool.clone();
     let database_url = {
         let base = opts.admin_url.split('?').next().unwrap_or(&opts.admin_url);
         format!("{}/{name}", &base[..base.rfind('/').unwrap_or(base.len())])
     };
     let floor_run = || async {
+        stack::checkpoint(&stack_pool).await?;
         let floor = floor::measure(
             &database_url,
             FloorKind::JsonInsert,
@@ -301,6 +304,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<Vec<Figure>> {
     drop(warmup);
     let events = load::stripe_events("intake", opts.orders);
     let mean_body = events.iter().map(|e| e.body.len()).sum::<usize>() / events.len().max(1);
+    // Each measured phase starts after a checkpoint, as the floor does: one
+    // triggered by an earlier phase's WAL would stall whichever runs then.
+    stack::checkpoint(&stack.pool).await?;
     let gateway_cpu = stack.gateway_pid().and_then(stack::cpu_seconds);
     let intake = load::post_all(&stack.gateway_url, events, opts.connections).await?;
     let intake_rate = opts.orders as f64 / intake.elapsed.as_secs_f64();
@@ -388,9 +394,28 @@ pub async fn run(opts: &Options) -> anyhow::Result<Vec<Figure>> {
     let latency = steady(&mut stack, opts).await?;
     stack.finish(opts.keep).await?;
 
-    // Two processes cannot be faster than the cores they share: the bound
-    // applies until the machine is saturated.
-    let saturated = one.busy > 0.9;
+    // Two processes cannot be faster than the cores they share: the 1.6 ×
+    // applies until the machine is saturated. When two saturate it, the most
+    // they could gain is the CPU one left idle (two.busy / one.busy, printed);
+    // then they are held to not being slower than one (0.9, for noise).
+    let saturated = two.busy > 0.9;
+    let headroom = (two.busy / one.busy.max(0.01)).max(1.0);
+    let two_bound = if saturated {
+        0.9
+    } else {
+        BOUNDS.two_worker_speedup
+    };
+    println!(
+        "  two workers / one: {:.2} ×; the machine was {:.0} % busy with one, {:.0} % with two{}",
+        two_rate / one_rate,
+        one.busy * 100.0,
+        two.busy * 100.0,
+        if saturated {
+            format!(" (saturated: at most {headroom:.2} × was left to gain)")
+        } else {
+            String::new()
+        }
+    );
     Ok(vec![
         Figure {
             what: "intake (vs pgbench insert floor)",
@@ -415,17 +440,13 @@ pub async fn run(opts: &Options) -> anyhow::Result<Vec<Figure>> {
         },
         Figure {
             what: if saturated {
-                "two workers / one (CPU saturated)"
+                "two workers / one (CPU saturated by two)"
             } else {
                 "two workers / one"
             },
             value: two_rate / one_rate,
             unit: "×",
-            bound: if saturated {
-                0.9
-            } else {
-                BOUNDS.two_worker_speedup
-            },
+            bound: two_bound,
             at_least: true,
         },
         Figure {

@@ -329,6 +329,13 @@ async fn terminate(child: &mut Child) {
     }
 }
 
+/// Flushes Postgres' dirty buffers now, so a measured phase does not pay
+/// for the checkpoint an earlier phase's writes would trigger.
+pub async fn checkpoint(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::query("CHECKPOINT").execute(pool).await?;
+    Ok(())
+}
+
 /// CPU seconds a process has used (user and system), from /proc.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
