@@ -32,8 +32,16 @@ pub fn serve_metrics(address: std::net::SocketAddr, setting: &str) -> anyhow::Re
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|e| failed(&e))?;
     HANDLE
-        .set(handle)
+        .set(handle.clone())
         .map_err(|_| failed(&"a recorder was already installed"))?;
+    // What `install` would do: a recorder built by hand needs its upkeep.
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            handle.run_upkeep();
+        }
+    });
     tokio::spawn(async move {
         if let Err(e) = exporter.await {
             tracing::error!(error = ?e, "the metrics listener stopped");
