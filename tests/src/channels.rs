@@ -608,3 +608,26 @@ fn shopify_lines(sale: &Sale) -> Vec<Value> {
         .map(|(p, q)| shopify_line(*p, *q))
         .collect()
 }
+
+/// Operations map the product the catalogue lacked (`Product::Unmapped`,
+/// as BUNDLE-NEW for `channel`) and load the catalogue again.
+pub async fn map_unmapped_product(app: &crate::TestApp, channel: Channel) {
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../ops/catalogue.toml"
+    ))
+    .expect("the shipped catalogue");
+    let fixed = format!(
+        "{shipped}\n[[product]]\nsku = \"BUNDLE-NEW\"\nname = \"New bundle\"\nvalidity_days = 90\n{}\n",
+        channel.catalogue_line(Product::Unmapped)
+    );
+    let file =
+        std::env::temp_dir().join(format!("entitle-catalogue-{}.toml", uuid::Uuid::new_v4()));
+    std::fs::write(&file, fixed).expect("the fixed catalogue is written");
+    entitle_jobs::catalogue::Catalogue::load(&file)
+        .expect("the fixed catalogue loads")
+        .sync(&app.pool)
+        .await
+        .expect("the fixed catalogue is synchronised");
+    let _ = std::fs::remove_file(&file);
+}

@@ -3,7 +3,6 @@
 //! payloads and signatures, one channel-neutral fulfilment.
 
 use chrono::Utc;
-use entitle_jobs::catalogue::Catalogue;
 use entitle_tests::{
     TestApp,
     channels::{Channel, GiftSpec, Product, Sale, Signing},
@@ -451,24 +450,7 @@ async fn an_unknown_product_is_parked_then_fulfilled_after_the_catalogue_is_fixe
     assert_eq!(app.count("SELECT count(*) FROM orders").await, 0);
 
     // Operations map the new product and re-run the parked event.
-    let shipped = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../ops/catalogue.toml"
-    ))
-    .unwrap();
-    let fixed = format!(
-        "{shipped}\n[[product]]\nsku = \"BUNDLE-NEW\"\nname = \"New bundle\"\nvalidity_days = 90\n{}\n",
-        channel.catalogue_line(Product::Unmapped)
-    );
-    let file =
-        std::env::temp_dir().join(format!("entitle-catalogue-{}.toml", uuid::Uuid::new_v4()));
-    std::fs::write(&file, fixed).unwrap();
-    Catalogue::load(&file)
-        .unwrap()
-        .sync(&app.pool)
-        .await
-        .unwrap();
-    let _ = std::fs::remove_file(&file);
+    entitle_tests::channels::map_unmapped_product(&app, channel).await;
     let retried = entitle_jobs::handlers::retry_failed_events(
         &app.ctx,
         &entitle_jobs::inbox::RetryFilter {

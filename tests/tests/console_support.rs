@@ -6,7 +6,7 @@
 //! reason; a batch of five downloaded once; a failed event retried after
 //! its product is mapped; an order of 2,000 codes a page at a time.
 
-use entitle_jobs::{catalogue::Catalogue, token::Role};
+use entitle_jobs::token::Role;
 use entitle_tests::{
     TestApp,
     browser::{Browser, staff_member},
@@ -311,23 +311,7 @@ async fn a_failed_event_is_retried_from_the_console_after_its_product_is_mapped(
     assert!(text.contains("purchase.paid"), "{text}");
     browser.screenshot("console-failed").await;
 
-    let shipped = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../ops/catalogue.toml"
-    ))
-    .unwrap();
-    let fixed = format!(
-        "{shipped}\n[[product]]\nsku = \"BUNDLE-NEW\"\nname = \"New bundle\"\nvalidity_days = 90\n{}\n",
-        Channel::Native.catalogue_line(Product::Unmapped)
-    );
-    let file = std::env::temp_dir().join(format!("entitle-catalogue-{}.toml", Uuid::new_v4()));
-    std::fs::write(&file, fixed).unwrap();
-    Catalogue::load(&file)
-        .unwrap()
-        .sync(&app.pool)
-        .await
-        .unwrap();
-    let _ = std::fs::remove_file(&file);
+    entitle_tests::channels::map_unmapped_product(&app, Channel::Native).await;
 
     let event: Uuid = sqlx::query_scalar("SELECT id FROM webhook_inbox")
         .fetch_one(&app.pool)

@@ -109,3 +109,30 @@ impl From<entitle_jobs::lifecycle::Refused> for PageError {
         PageError::from(ApiError::from(refused))
     }
 }
+
+/// A whole console action: the member's role, then [`begin`], the domain
+/// call `$act` (given the transaction and who acts), [`finish`], and back to
+/// `$back` saying `$done`, or that the form was already sent.
+#[macro_export]
+macro_rules! console_action {
+    ($console:expr, $staff:expr, $role:expr, $form_key:expr, $confirmed:expr, $body:expr,
+     $request:expr, $back:expr, $done:expr, |$tx:ident, $who:ident| $act:expr) => {{
+        $staff.require($role)?;
+        let actor = $staff.actor();
+        let back: String = $back;
+        match $crate::console::actions::begin(
+            &$console, &actor, $form_key, $confirmed, &$request, $body,
+        )
+        .await?
+        {
+            None => Ok($crate::console::actions::back(&back, "already_done")),
+            Some(mut action) => {
+                let $who = action.who();
+                let $tx = &mut *action.tx;
+                let outcome = $act.await?;
+                $crate::console::actions::finish(action, outcome).await?;
+                Ok($crate::console::actions::back(&back, $done))
+            }
+        }
+    }};
+}

@@ -82,19 +82,19 @@ async fn revoke(
     Path(id): Path<Uuid>,
     CsrfForm { form, form_key }: CsrfForm<RevokeForm>,
 ) -> Result<Response, PageError> {
-    staff.require(Role::Operator)?;
-    let actor = staff.actor();
-    let request = format!("POST /console/codes/{id}/revoke");
-    let Some(mut action) =
-        actions::begin(&console, &actor, form_key, &form.confirmed, &request, &form).await?
-    else {
-        return Ok(actions::back(&code_page(id), "already_done"));
-    };
-    let who = action.who();
-    let revoked =
-        lifecycle::revoke(&mut action.tx, who, id, ticked(&form.include_redeemed)).await?;
-    actions::finish(action, revoked).await?;
-    Ok(actions::back(&code_page(id), "revoked"))
+    let redeemed_too = ticked(&form.include_redeemed);
+    crate::console_action!(
+        console,
+        staff,
+        Role::Operator,
+        form_key,
+        &form.confirmed,
+        &form,
+        format!("POST /console/codes/{id}/revoke"),
+        code_page(id),
+        "revoked",
+        |tx, who| lifecycle::revoke(tx, who, id, redeemed_too)
+    )
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -152,22 +152,22 @@ async fn reassign(
     Path(id): Path<Uuid>,
     CsrfForm { form, form_key }: CsrfForm<ReassignForm>,
 ) -> Result<Response, PageError> {
-    staff.require(Role::Operator)?;
-    let actor = staff.actor();
-    let request = format!("POST /console/codes/{id}/reassign");
-    let Some(mut action) =
-        actions::begin(&console, &actor, form_key, &form.confirmed, &request, &form).await?
-    else {
-        return Ok(actions::back(&code_page(id), "already_done"));
-    };
-    let who = action.who();
     let to = lifecycle::Holder {
         account_id: form.account_id.trim().to_owned(),
         entity_ref: form.entity_ref.trim().to_owned(),
     };
-    let reassigned = lifecycle::reassign(&mut action.tx, who, id, to).await?;
-    actions::finish(action, reassigned).await?;
-    Ok(actions::back(&code_page(id), "reassigned"))
+    crate::console_action!(
+        console,
+        staff,
+        Role::Operator,
+        form_key,
+        &form.confirmed,
+        &form,
+        format!("POST /console/codes/{id}/reassign"),
+        code_page(id),
+        "reassigned",
+        |tx, who| lifecycle::reassign(tx, who, id, to)
+    )
 }
 
 async fn unassign(
@@ -176,18 +176,18 @@ async fn unassign(
     Path(id): Path<Uuid>,
     CsrfForm { form, form_key }: CsrfForm<Confirmed>,
 ) -> Result<Response, PageError> {
-    staff.require(Role::Operator)?;
-    let actor = staff.actor();
-    let request = format!("POST /console/codes/{id}/unassign");
-    let Some(mut action) =
-        actions::begin(&console, &actor, form_key, &form, &request, &form).await?
-    else {
-        return Ok(actions::back(&code_page(id), "already_done"));
-    };
-    let who = action.who();
-    let unassigned = lifecycle::unassign(&mut action.tx, who, id).await?;
-    actions::finish(action, unassigned).await?;
-    Ok(actions::back(&code_page(id), "unassigned"))
+    crate::console_action!(
+        console,
+        staff,
+        Role::Operator,
+        form_key,
+        &form,
+        &form,
+        format!("POST /console/codes/{id}/unassign"),
+        code_page(id),
+        "unassigned",
+        |tx, who| lifecycle::unassign(tx, who, id)
+    )
 }
 
 /// A new expiry from a date field: the end of that day, UTC.
@@ -213,17 +213,17 @@ async fn expiry(
     Path(id): Path<Uuid>,
     CsrfForm { form, form_key }: CsrfForm<ExpiryForm>,
 ) -> Result<Response, PageError> {
-    staff.require(Role::Operator)?;
     let expires_at = form.expires_at()?;
-    let actor = staff.actor();
-    let request = format!("POST /console/codes/{id}/expiry");
-    let Some(mut action) =
-        actions::begin(&console, &actor, form_key, &form.confirmed, &request, &form).await?
-    else {
-        return Ok(actions::back(&code_page(id), "already_done"));
-    };
-    let who = action.who();
-    let changed = lifecycle::change_expiry(&mut action.tx, who, id, expires_at).await?;
-    actions::finish(action, changed).await?;
-    Ok(actions::back(&code_page(id), "expiry_changed"))
+    crate::console_action!(
+        console,
+        staff,
+        Role::Operator,
+        form_key,
+        &form.confirmed,
+        &form,
+        format!("POST /console/codes/{id}/expiry"),
+        code_page(id),
+        "expiry_changed",
+        |tx, who| lifecycle::change_expiry(tx, who, id, expires_at)
+    )
 }

@@ -16,10 +16,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{
-    Console, CsrfForm, PageError, StaffMember,
-    actions::{self, Confirmed},
-    code::ExpiryForm,
-    render,
+    Console, CsrfForm, PageError, StaffMember, actions::Confirmed, code::ExpiryForm, render,
 };
 use crate::admin::orders::{Window, account_view, order_view_window};
 
@@ -85,20 +82,19 @@ async fn expiry(
     Path(id): Path<Uuid>,
     CsrfForm { form, form_key }: CsrfForm<ExpiryForm>,
 ) -> Result<Response, PageError> {
-    staff.require(Role::Operator)?;
     let expires_at = form.expires_at()?;
-    let actor = staff.actor();
-    let back = format!("/console/orders/{id}");
-    let request = format!("POST /console/orders/{id}/expiry");
-    let Some(mut action) =
-        actions::begin(&console, &actor, form_key, &form.confirmed, &request, &form).await?
-    else {
-        return Ok(actions::back(&back, "already_done"));
-    };
-    let who = action.who();
-    let changed = lifecycle::change_order_expiry(&mut action.tx, who, id, expires_at).await?;
-    actions::finish(action, changed).await?;
-    Ok(actions::back(&back, "expiry_changed"))
+    crate::console_action!(
+        console,
+        staff,
+        Role::Operator,
+        form_key,
+        &form.confirmed,
+        &form,
+        format!("POST /console/orders/{id}/expiry"),
+        format!("/console/orders/{id}"),
+        "expiry_changed",
+        |tx, who| lifecycle::change_order_expiry(tx, who, id, expires_at)
+    )
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -121,25 +117,26 @@ async fn resend(
     Path(id): Path<Uuid>,
     CsrfForm { form, form_key }: CsrfForm<ResendForm>,
 ) -> Result<Response, PageError> {
-    staff.require(Role::Support)?;
     // Only back to a console page.
     let back = if form.back.starts_with("/console/") && !form.back.starts_with("//") {
         form.back.clone()
     } else {
         "/console/failed".to_owned()
     };
-    let actor = staff.actor();
-    let request = format!("POST /console/deliveries/{id}/resend");
-    let Some(mut action) =
-        actions::begin(&console, &actor, form_key, &form.confirmed, &request, &form).await?
-    else {
-        return Ok(actions::back(&back, "already_done"));
-    };
-    let who = action.who();
     let email = Some(form.email.trim()).filter(|e| !e.is_empty());
-    let resent = lifecycle::resend(&mut action.tx, &console.ctx, who, id, email).await?;
-    actions::finish(action, resent).await?;
-    Ok(actions::back(&back, "resent"))
+    let ctx = console.ctx.clone();
+    crate::console_action!(
+        console,
+        staff,
+        Role::Support,
+        form_key,
+        &form.confirmed,
+        &form,
+        format!("POST /console/deliveries/{id}/resend"),
+        back,
+        "resent",
+        |tx, who| lifecycle::resend(tx, &ctx, who, id, email)
+    )
 }
 
 async fn account(

@@ -16,11 +16,7 @@ use minijinja::context;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{
-    Console, CsrfForm, PageError, StaffMember,
-    actions::{self, Confirmed},
-    render,
-};
+use super::{Console, CsrfForm, PageError, StaffMember, actions::Confirmed, render};
 use crate::admin::findings::{Filter, findings_csv};
 
 /// Findings listed at most (the export has all of them).
@@ -202,20 +198,19 @@ async fn decide(
     form: CsrfForm<DecideForm>,
     decision: finding::Decision,
 ) -> Result<Response, PageError> {
-    staff.require(Role::Operator)?;
     let CsrfForm { form, form_key } = form;
-    let actor = staff.actor();
-    let back = "/console/reconciliation";
-    let request = format!("POST /console/findings/{id}/{}", decision.status());
-    let Some(mut action) =
-        actions::begin(&console, &actor, form_key, &form.confirmed, &request, &form).await?
-    else {
-        return Ok(actions::back(back, "already_done"));
-    };
-    let who = action.who();
-    let decided = finding::decide(&mut action.tx, who, id, decision).await?;
-    actions::finish(action, decided).await?;
-    Ok(actions::back(back, decision.status()))
+    crate::console_action!(
+        console,
+        staff,
+        Role::Operator,
+        form_key,
+        &form.confirmed,
+        &form,
+        format!("POST /console/findings/{id}/{}", decision.status()),
+        "/console/reconciliation".to_owned(),
+        decision.status(),
+        |tx, who| finding::decide(tx, who, id, decision)
+    )
 }
 
 async fn resolve(
