@@ -43,20 +43,28 @@ impl FromRequestParts<AppState> for Actor {
         let unauthorized = |detail: &str| {
             ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", detail.to_owned())
         };
-        let header = parts
-            .headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| unauthorized("send Authorization: Bearer <token>"))?;
-        // The scheme is case-insensitive (RFC 9110): `bearer` works too.
-        let token = header
-            .split_once(' ')
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token)
-            .ok_or_else(|| unauthorized("the Authorization header must be Bearer <token>"))?;
-        match token::authenticate(&state.ctx.pool, token.trim()).await? {
+        let token = bearer(parts).ok_or_else(|| {
+            unauthorized("send Authorization: Bearer <token> (the scheme in any case)")
+        })?;
+        if token.starts_with(entitle_jobs::platform_key::PREFIX) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "a platform key cannot call the admin API; use a staff token",
+            ));
+        }
+        match token::authenticate(&state.ctx.pool, token).await? {
             Some((name, role)) => Ok(Actor { name, role }),
             None => Err(unauthorized("unknown or revoked token")),
         }
     }
+}
+
+/// The credential of an `Authorization: Bearer <credential>` header. The
+/// scheme is case-insensitive (RFC 9110): `bearer` works too.
+pub fn bearer(parts: &Parts) -> Option<&str> {
+    let header = parts.headers.get("authorization")?.to_str().ok()?;
+    let (scheme, credential) = header.trim().split_once(' ')?;
+    let credential = credential.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !credential.is_empty()).then_some(credential)
 }

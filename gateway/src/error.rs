@@ -16,6 +16,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub detail: String,
+    /// Seconds to wait, sent as `Retry-After` (429, 503).
+    pub retry_after: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -30,7 +32,14 @@ impl ApiError {
             status,
             code,
             detail: detail.into(),
+            retry_after: None,
         }
+    }
+
+    /// Tells the client when to try again.
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
 
     /// A failure of ours; the cause is logged, not answered.
@@ -50,7 +59,13 @@ impl IntoResponse for ApiError {
             code: self.code,
             detail: &self.detail,
         });
-        (self.status, body).into_response()
+        let mut response = (self.status, body).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 
@@ -114,6 +129,8 @@ pub async fn json_errors(response: Response) -> Response {
         StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
         StatusCode::UNPROCESSABLE_ENTITY => "invalid_body",
+        StatusCode::REQUEST_TIMEOUT => "body_timeout",
+        StatusCode::SERVICE_UNAVAILABLE => "timeout",
         s if s.is_server_error() => "internal",
         _ => "request_refused",
     };

@@ -1,19 +1,24 @@
 //! Entitle's HTTP gateway: verifies and files channel webhooks, serves
 //! redemptions, health and metrics, the admin API and the support console. Stateless: run as many as needed.
 
-use std::future::Future;
+use std::{future::Future, sync::Arc, time::Duration};
 
-use axum::{Router, extract::DefaultBodyLimit};
+use axum::{Router, extract::DefaultBodyLimit, http::StatusCode};
 use entitle_jobs::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tower_http::trace::TraceLayer;
+use tower_http::{
+    timeout::{RequestBodyTimeoutLayer, TimeoutLayer},
+    trace::TraceLayer,
+};
 
 pub mod admin;
 pub mod auth;
 pub mod console;
 pub mod error;
+pub mod platform;
 pub mod routes;
+pub mod serve;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -22,22 +27,44 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Webhooks are filed through group commits.
     pub intake: entitle_jobs::inbox::Intake,
+    /// Platform keys verified lately, and the platform API's rate limits.
+    pub platform: Arc<platform::Gate>,
 }
 
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
-    let max_body = state.ctx.config.gateway.max_body_bytes;
+    let gateway = &state.ctx.config.gateway;
+    let max_body = gateway.max_body_bytes;
+    let timeouts = &gateway.timeouts;
+    // The platform API has its own in-flight limit, so that a flood of
+    // redemptions is refused early rather than queued behind the pool.
+    let platform_api =
+        routes::redemptions::router().route_layer(axum::middleware::from_fn_with_state(
+            serve::InFlight::new(gateway.limits.max_in_flight_platform, "platform API"),
+            serve::limit_in_flight,
+        ));
     let mut router = Router::new()
         .merge(routes::health::router())
         .merge(routes::webhooks::router())
-        .merge(routes::redemptions::router())
+        .merge(platform_api)
         .merge(admin::router())
         .merge(console::router(&state));
-    if state.ctx.config.gateway.redeem_page {
+    if gateway.redeem_page {
         router = router.merge(routes::redeem_page::router());
     }
     router
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(RequestBodyTimeoutLayer::new(Duration::from_millis(
+            timeouts.body_ms,
+        )))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Duration::from_millis(timeouts.request_ms),
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            serve::InFlight::new(gateway.limits.max_in_flight, "gateway"),
+            serve::limit_in_flight,
+        ))
         .layer(axum::middleware::map_response(error::json_errors))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
@@ -50,27 +77,19 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    // A few writers keep Postgres busy while the next group gathers; the
-    // rest of the pool serves redemptions and the admin API.
+    // A few writers keep Postgres busy while the next group gathers.
     // Measured on 2 cores: two writers beat one and four (ops/bench.sh).
-    let writers = (ctx.config.database.max_connections as usize / 4).max(1);
+    // They have connections of their own: however busy the platform API or
+    // the admin API keep the main pool, webhooks are filed without waiting.
+    let writers = (ctx.config.database.max_connections / 4).max(1);
+    let intake_pool = entitle_jobs::db::connect_sized(&ctx.config.database, writers).await?;
     let state = AppState {
-        intake: entitle_jobs::inbox::Intake::start(ctx.pool.clone(), writers),
-        ctx,
+        intake: entitle_jobs::inbox::Intake::start(intake_pool, writers as usize),
+        platform: Arc::new(platform::Gate::new(&ctx.config.gateway)),
         metrics: entitle_jobs::telemetry::metrics(),
+        ctx,
     };
     tracing::info!(address = %listener.local_addr()?, "gateway listening");
-    // The console limits sign-in attempts per client address.
-    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    // Answers go out at once: with Nagle's algorithm a response written in
-    // two parts waits for the client's delayed ACK (~40 ms).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY could not be set");
-        }
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
-    Ok(())
+    let timeouts = state.ctx.config.gateway.timeouts.clone();
+    serve::serve(listener, router(state), &timeouts, shutdown).await
 }

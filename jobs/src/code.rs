@@ -163,6 +163,17 @@ impl CodeKeys {
         mac.finalize().into_bytes().to_vec()
     }
 
+    /// The keyed hash of another secret (a platform key), under the same
+    /// hashing key but a separate `domain`, so it can never equal a code's.
+    pub fn hash_secret(&self, domain: &str, secret: &[u8]) -> Vec<u8> {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.hash_key).expect("HMAC takes any key length");
+        mac.update(domain.as_bytes());
+        mac.update(&[0]);
+        mac.update(secret);
+        mac.finalize().into_bytes().to_vec()
+    }
+
     /// Encrypts a code with a fresh random nonce: `nonce || ciphertext`.
     pub fn seal(&self, code: &Code) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];

@@ -83,6 +83,43 @@ pub struct GatewayConfig {
     pub redeem_page: bool,
     /// Where the gateway serves `/metrics` (never on `listen`); empty: off.
     pub metrics_listen: String,
+    /// How long a verified platform key is trusted before it is checked
+    /// again: a revocation takes effect within this many seconds.
+    pub platform_key_cache_secs: u64,
+    pub limits: GatewayLimits,
+    pub timeouts: GatewayTimeouts,
+}
+
+/// `[gateway.limits]`: rate and concurrency limits of the public API.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GatewayLimits {
+    /// Redemptions and checks a platform key may make per second (also the
+    /// burst).
+    pub per_key_per_second: u32,
+    /// Redemptions and checks one client address may make per second,
+    /// whatever key it sends (or none).
+    pub per_address_per_second: u32,
+    /// Redemptions one address may try per minute on the hosted page.
+    pub redeem_page_per_minute_per_address: u32,
+    /// `/v1` requests served at once; more answer 503 `overloaded` at once.
+    /// Below the pool size, so webhook intake always finds a connection.
+    pub max_in_flight_platform: usize,
+    /// Requests served at once on the whole listener.
+    pub max_in_flight: usize,
+}
+
+/// `[gateway.timeouts]`
+#[derive(Debug, Clone, Deserialize)]
+pub struct GatewayTimeouts {
+    /// A client must send a request's headers within this (slow-header
+    /// connections are closed).
+    pub header_read_ms: u64,
+    /// ... and its body within this.
+    pub body_ms: u64,
+    /// A request is answered within this, or gets 503 `timeout`.
+    pub request_ms: u64,
+    /// On SIGTERM, in-flight requests get this long to finish.
+    pub shutdown_grace_secs: u64,
 }
 
 /// `[worker]`

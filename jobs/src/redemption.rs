@@ -3,12 +3,10 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::json;
 use sqlx::{PgPool, Row, postgres::PgRow};
 use uuid::Uuid;
 
 use crate::{
-    audit::{self, AuditEvent},
     code::{Code, CodeKeys},
     lifecycle::{self, CodeState},
 };
@@ -72,6 +70,44 @@ const SELECT_REDEMPTION: &str = "
     JOIN product p ON p.id = c.product_id
     WHERE a.id = $1";
 
+/// The claim, the assignment, its audit event and the platform's
+/// `code.redeemed` event in one statement (one round trip, one commit):
+/// redemption is the platform's hot path. The state check and the change are
+/// one conditional update, so of two concurrent redemptions (or a redemption
+/// and a revocation) exactly one wins.
+const CLAIM: &str = "
+    WITH claimed AS (
+        UPDATE activation_code SET state = 'redeemed', redeemed_at = now()
+        WHERE code_hash = $1 AND state = 'issued' AND expires_at > now()
+        RETURNING id, last4, product_id, order_line_id
+    ), detail AS (
+        SELECT c.id AS code_id, c.last4, p.sku, p.name, ol.order_id
+        FROM claimed c
+        JOIN product p ON p.id = c.product_id
+        LEFT JOIN order_line ol ON ol.id = c.order_line_id
+    ), assigned AS (
+        INSERT INTO assignment (id, code_id, account_id, entity_ref, assigned_by)
+        SELECT $2, code_id, $3, $4, $5 FROM detail
+        RETURNING id, assigned_at
+    ), audited AS (
+        INSERT INTO audit_event (actor, action, subject_type, subject_id, data)
+        SELECT $5, 'code.redeemed', 'code', d.code_id::text, jsonb_build_object(
+            'last4', d.last4,
+            'before', jsonb_build_object('state', 'issued'),
+            'after', jsonb_build_object('state', 'redeemed', 'account_id', $3::text, 'entity_ref', $4::text),
+            'assignment', $2::uuid)
+        FROM detail d
+    ), told AS (
+        INSERT INTO platform_event (id, type, code_id, order_id, data)
+        SELECT $6, 'code.redeemed', d.code_id, d.order_id, jsonb_build_object(
+            'code_id', d.code_id, 'code_last4', d.last4, 'product_sku', d.sku, 'order_id', d.order_id,
+            'account_id', $3::text, 'entity_ref', $4::text, 'assignment_id', $2::uuid)
+        FROM detail d
+    )
+    SELECT a.id, d.code_id, d.last4, d.sku, d.name, $3::text AS account_id, $4::text AS entity_ref,
+           a.assigned_at
+    FROM detail d, assigned a";
+
 fn redemption(row: &PgRow) -> Redemption {
     Redemption {
         id: row.get("id"),
@@ -85,67 +121,34 @@ fn redemption(row: &PgRow) -> Redemption {
     }
 }
 
-/// Redeems `code` for `account_id` and `entity_ref`.
+/// Redeems `code` for `account_id` and `entity_ref` on behalf of `caller`
+/// (`platform:<key name>`, or `redeem_page`): recorded on the assignment
+/// and in the audit log.
 pub async fn redeem(
     pool: &PgPool,
     keys: &CodeKeys,
     code: &Code,
     account_id: &str,
     entity_ref: &str,
+    caller: &str,
 ) -> Result<Redeemed, RedeemError> {
     let hash = keys.hash(code);
-    let mut tx = pool.begin().await?;
-    // The state check and the change are one statement: of two concurrent
-    // redemptions (or a redemption and a revocation) exactly one wins.
-    let claimed: Option<(Uuid, String)> = sqlx::query_as(
-        "UPDATE activation_code SET state = 'redeemed', redeemed_at = now()
-         WHERE code_hash = $1 AND state = 'issued' AND expires_at > now()
-         RETURNING id, last4",
-    )
-    .bind(&hash)
-    .fetch_optional(&mut *tx)
-    .await?;
-
-    if let Some((code_id, last4)) = claimed {
-        let assignment_id = Uuid::now_v7();
-        let actor = format!("account:{account_id}");
-        sqlx::query(
-            "INSERT INTO assignment (id, code_id, account_id, entity_ref, assigned_by)
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(assignment_id)
-        .bind(code_id)
+    let claimed = sqlx::query(CLAIM)
+        .bind(&hash)
+        .bind(Uuid::now_v7())
         .bind(account_id)
         .bind(entity_ref)
-        .bind(&actor)
-        .execute(&mut *tx)
+        .bind(caller)
+        .bind(Uuid::now_v7())
+        .fetch_optional(pool)
         .await?;
-        audit::record(
-            &mut tx,
-            AuditEvent {
-                actor: &actor,
-                action: "code.redeemed",
-                subject_type: "code",
-                subject_id: code_id.to_string(),
-                reason: None,
-                data: json!({
-                    "last4": last4,
-                    "before": { "state": "issued" },
-                    "after": { "state": "redeemed", "account_id": account_id, "entity_ref": entity_ref },
-                    "assignment": assignment_id,
-                }),
-            },
-        )
-        .await?;
-        let row = sqlx::query(SELECT_REDEMPTION)
-            .bind(assignment_id)
-            .fetch_one(&mut *tx)
-            .await?;
-        tx.commit().await?;
+    if let Some(row) = claimed {
         metrics::counter!("entitle_codes_redeemed_total").increment(1);
         return Ok(Redeemed::New(redemption(&row)));
     }
 
+    // Not claimed: say why, and keep the refused attempt for support.
+    let mut tx = pool.begin().await?;
     let found = sqlx::query(
         "SELECT c.id, c.state, c.expires_at <= now() AS past_expiry, a.id AS assignment_id,
                 a.account_id, a.entity_ref
@@ -198,4 +201,41 @@ pub async fn redeem(
     .await?;
     tx.commit().await?;
     Err(refusal)
+}
+
+/// What a code check answers: whether the code can be redeemed now, and
+/// what it is for. Never who holds it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct CodeCheck {
+    /// Redeemable now: issued and not past its expiry.
+    pub valid: bool,
+    /// `issued`, `redeemed`, `revoked` or `expired` (an issued code past its
+    /// expiry is `expired`, whether or not the sweep has reached it).
+    pub state: String,
+    pub product_sku: String,
+    pub product_name: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Checks `code` without redeeming it: one indexed read.
+pub async fn check(pool: &PgPool, keys: &CodeKeys, code: &Code) -> Result<CodeCheck, RedeemError> {
+    let row = sqlx::query(
+        "SELECT CASE WHEN c.state = 'issued' AND c.expires_at <= now() THEN 'expired'
+                     ELSE c.state END AS state,
+                p.sku, p.name, c.expires_at
+         FROM activation_code c JOIN product p ON p.id = c.product_id
+         WHERE c.code_hash = $1",
+    )
+    .bind(keys.hash(code))
+    .fetch_optional(pool)
+    .await?
+    .ok_or(RedeemError::NotFound)?;
+    let state: String = row.get("state");
+    Ok(CodeCheck {
+        valid: state == CodeState::Issued.as_str(),
+        state,
+        product_sku: row.get("sku"),
+        product_name: row.get("name"),
+        expires_at: row.get("expires_at"),
+    })
 }

@@ -23,6 +23,9 @@ use crate::smtp::SmtpSink;
 /// How long a test waits for the worker before it fails.
 pub const WAIT: Duration = Duration::from_secs(30);
 
+/// The name of the platform key every test app starts with.
+pub const PLATFORM_KEY_NAME: &str = "test-platform";
+
 /// The webhook signing secret every test app is configured with.
 pub const STRIPE_WEBHOOK_SECRET: &str = "whsec_test_entitle";
 /// Shopify's current app secret in tests, and the one being rotated out.
@@ -69,6 +72,8 @@ impl Default for Options {
 pub struct TestApp {
     /// `http://127.0.0.1:PORT` of the gateway.
     pub address: String,
+    /// A platform key named [`PLATFORM_KEY_NAME`], for `/v1`.
+    pub platform_key: String,
     pub ctx: Context,
     pub pool: PgPool,
     pub stripe: MockServer,
@@ -210,6 +215,15 @@ impl TestApp {
             .await
             .expect("Postgres and Redis are reachable");
         ctx.prepare().await.expect("migrations and catalogue load");
+        let (_, platform_key) = entitle_jobs::platform_key::create(
+            &ctx.pool,
+            &ctx.keys,
+            PLATFORM_KEY_NAME,
+            "test:harness",
+            "the platform of the tests",
+        )
+        .await
+        .expect("a platform key");
         let (shutdown, _) = tokio::sync::watch::channel(false);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -223,6 +237,7 @@ impl TestApp {
         let worker_shutdown = options.worker.then(|| start_worker(&ctx));
         Self {
             address,
+            platform_key,
             pool: ctx.pool.clone(),
             ctx,
             stripe,
@@ -371,17 +386,44 @@ impl TestApp {
         request.send().await.expect("the gateway answers")
     }
 
-    /// Redeems a code; returns the status and the JSON answer.
+    /// Redeems a code with the app's platform key; returns the status and
+    /// the JSON answer.
     pub async fn redeem(&self, code: &str, account: &str, entity: &str) -> (u16, Value) {
-        let response = self
-            .http
-            .post(format!("{}/v1/redemptions", self.address))
-            .json(&json!({ "code": code, "account_id": account, "entity_ref": entity }))
-            .send()
+        let body = json!({ "code": code, "account_id": account, "entity_ref": entity });
+        self.platform("/v1/redemptions", Some(&self.platform_key), &body)
             .await
-            .expect("the gateway answers");
+    }
+
+    /// Checks a code with the app's platform key.
+    pub async fn check(&self, code: &str) -> (u16, Value) {
+        self.platform(
+            "/v1/codes/check",
+            Some(&self.platform_key),
+            &json!({ "code": code }),
+        )
+        .await
+    }
+
+    /// POSTs `body` to a `/v1` path with `key` as the bearer credential (or
+    /// none); returns the status and the JSON answer.
+    pub async fn platform(&self, path: &str, key: Option<&str>, body: &Value) -> (u16, Value) {
+        let response = self.platform_request(path, key, body).await;
         let status = response.status().as_u16();
         (status, response.json().await.expect("a JSON answer"))
+    }
+
+    /// The same, answering the whole response (headers too).
+    pub async fn platform_request(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        body: &Value,
+    ) -> reqwest::Response {
+        let mut request = self.http.post(format!("{}{path}", self.address)).json(body);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        request.send().await.expect("the gateway answers")
     }
 
     /// Every value stored under this app's Redis namespace, as text: what a
@@ -465,6 +507,38 @@ impl TestApp {
             .await
             .expect("the command succeeds");
         String::from_utf8(out).expect("the CLI prints text")
+    }
+
+    /// Creates a batch of `quantity` codes of `sku` through the admin API and
+    /// returns the codes, from the batch's one-time export.
+    pub async fn batch_codes(&self, sku: &str, quantity: u32) -> Vec<String> {
+        let operator = self.token(entitle_jobs::token::Role::Operator).await;
+        let (status, batch) = self
+            .admin(
+                "POST",
+                "/admin/v1/batches",
+                Some(&operator),
+                Some(json!({ "product_sku": sku, "quantity": quantity,
+                             "kind": "test_account", "reason": "codes for a test" })),
+                None,
+            )
+            .await;
+        assert_eq!(status, 201, "{batch}");
+        let (status, csv) = self
+            .admin(
+                "POST",
+                &format!("/admin/v1/batches/{}/export", batch["id"].as_str().unwrap()),
+                Some(&operator),
+                Some(json!({ "reason": "codes for a test" })),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{csv}");
+        let text = csv.as_str().expect("the export is CSV").to_owned();
+        csv::Reader::from_reader(text.as_bytes())
+            .deserialize::<std::collections::HashMap<String, String>>()
+            .map(|row| row.expect("a CSV row")["code"].clone())
+            .collect()
     }
 
     /// Runs a `SELECT count(*) …` and returns the count.

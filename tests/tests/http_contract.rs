@@ -72,6 +72,7 @@ async fn every_refusal_answers_one_json_shape() {
     let big = "x".repeat(10_000);
     let (status, body) = json_error(
         http.post(url("/v1/redemptions"))
+            .bearer_auth(&app.platform_key)
             .header("content-type", "application/json")
             .body(format!(
                 r#"{{"code":"{big}","account_id":"a","entity_ref":"b"}}"#

@@ -11,6 +11,7 @@ pub mod events;
 pub mod findings;
 pub mod openapi;
 pub mod orders;
+pub mod platform_keys;
 pub mod reconciliations;
 pub mod tokens;
 
@@ -279,6 +280,7 @@ pub fn router() -> Router<AppState> {
         .merge(findings::router())
         .merge(reconciliations::router())
         .merge(tokens::router())
+        .merge(platform_keys::router())
         .merge(openapi::router())
 }
 

@@ -19,7 +19,7 @@ use minijinja::context;
 use serde::Deserialize;
 
 use super::redemptions::check_ref;
-use crate::{AppState, console::page::render_raw};
+use crate::{AppState, console::page::render_raw, platform::ClientAddress};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/redeem", get(page).post(redeem))
@@ -46,7 +46,14 @@ struct RedeemForm {
     entity_ref: String,
 }
 
-async fn redeem(State(state): State<AppState>, Form(form): Form<RedeemForm>) -> Response {
+/// Who redemptions through this page are recorded as.
+pub const CALLER: &str = "redeem_page";
+
+async fn redeem(
+    State(state): State<AppState>,
+    ClientAddress(address): ClientAddress,
+    Form(form): Form<RedeemForm>,
+) -> Response {
     let refused = |status: StatusCode, code: &str, detail: &str| {
         show(
             status,
@@ -54,6 +61,20 @@ async fn redeem(State(state): State<AppState>, Form(form): Form<RedeemForm>) -> 
             account_id => &form.account_id, entity_ref => &form.entity_ref },
         )
     };
+    // The page needs no key, so guessing codes through it is limited per
+    // client address.
+    if let Err(wait) = state.platform.count_redeem_page(address) {
+        metrics::counter!("entitle_platform_rate_limited_total", "by" => "redeem_page")
+            .increment(1);
+        let mut page = refused(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            &format!("Too many attempts from here; please wait {wait} seconds and try again."),
+        );
+        page.headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, wait.into());
+        return page;
+    }
     if let Err(e) = check_ref("account", &form.account_id)
         .and_then(|_| check_ref("who it is for", &form.entity_ref))
     {
@@ -75,6 +96,7 @@ async fn redeem(State(state): State<AppState>, Form(form): Form<RedeemForm>) -> 
         &code,
         form.account_id.trim(),
         form.entity_ref.trim(),
+        CALLER,
     )
     .await;
     match outcome {

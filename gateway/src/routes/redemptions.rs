@@ -1,15 +1,17 @@
-//! `POST /v1/redemptions`: assign a code to an account and an entity.
+//! The platform API: `POST /v1/redemptions` assigns a code to an account
+//! and an entity; `POST /v1/codes/check` says whether a code can be.
 
 use axum::{Json, Router, extract::State, http::StatusCode, routing::post};
 use entitle_jobs::{
     code::Code,
-    redemption::{self, RedeemError, Redeemed, Redemption},
+    redemption::{self, CodeCheck, RedeemError, Redeemed, Redemption},
 };
 use serde::Deserialize;
 
 use crate::{
     AppState,
     error::{ApiError, ApiJson},
+    platform::Platform,
 };
 
 /// What a redeemer sends.
@@ -37,14 +39,9 @@ pub fn check_ref(name: &str, value: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn redeem(
-    State(state): State<AppState>,
-    ApiJson(request): ApiJson<RedeemRequest>,
-) -> Result<(StatusCode, Json<Redemption>), ApiError> {
-    check_ref("account_id", &request.account_id)?;
-    check_ref("entity_ref", &request.entity_ref)?;
-    // A typo is caught by the check symbol, before the database is asked.
-    let code = Code::parse(&request.code).map_err(|e| {
+/// A typo is caught by the check symbol, before the database is asked.
+fn parse_code(typed: &str) -> Result<Code, ApiError> {
+    Code::parse(typed).map_err(|e| {
         metrics::counter!("entitle_redemptions_rejected_total", "code" => "code_malformed")
             .increment(1);
         ApiError::new(
@@ -52,32 +49,75 @@ async fn redeem(
             "code_malformed",
             e.to_string(),
         )
-    })?;
-    let outcome = redemption::redeem(
+    })
+}
+
+/// The answer to a code that cannot be redeemed.
+fn refusal(e: RedeemError) -> ApiError {
+    let (status, detail) = match &e {
+        RedeemError::NotFound => (StatusCode::NOT_FOUND, "no code matches"),
+        RedeemError::AlreadyRedeemed => (
+            StatusCode::CONFLICT,
+            "this code was already redeemed by someone else",
+        ),
+        RedeemError::Revoked => (StatusCode::GONE, "this code was revoked"),
+        RedeemError::Expired => (StatusCode::GONE, "this code has expired"),
+        RedeemError::Database(cause) => return ApiError::internal(cause),
+    };
+    metrics::counter!("entitle_redemptions_rejected_total", "code" => e.code()).increment(1);
+    ApiError::new(status, e.code(), detail)
+}
+
+/// Needs a platform key; the key's name is recorded as the caller.
+async fn redeem(
+    Platform(caller): Platform,
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<RedeemRequest>,
+) -> Result<(StatusCode, Json<Redemption>), ApiError> {
+    check_ref("account_id", &request.account_id)?;
+    check_ref("entity_ref", &request.entity_ref)?;
+    let code = parse_code(&request.code)?;
+    match redemption::redeem(
         &state.ctx.pool,
         &state.ctx.keys,
         &code,
         &request.account_id,
         &request.entity_ref,
+        &caller.actor(),
     )
-    .await;
-    let (status, code, detail) = match outcome {
-        Ok(Redeemed::New(r)) => return Ok((StatusCode::CREATED, Json(r))),
-        Ok(Redeemed::Existing(r)) => return Ok((StatusCode::OK, Json(r))),
-        Err(RedeemError::NotFound) => (StatusCode::NOT_FOUND, "code_not_found", "no code matches"),
-        Err(RedeemError::AlreadyRedeemed) => (
-            StatusCode::CONFLICT,
-            "code_already_redeemed",
-            "this code was already redeemed by someone else",
-        ),
-        Err(RedeemError::Revoked) => (StatusCode::GONE, "code_revoked", "this code was revoked"),
-        Err(RedeemError::Expired) => (StatusCode::GONE, "code_expired", "this code has expired"),
-        Err(RedeemError::Database(e)) => return Err(ApiError::internal(e)),
-    };
-    metrics::counter!("entitle_redemptions_rejected_total", "code" => code).increment(1);
-    Err(ApiError::new(status, code, detail))
+    .await
+    {
+        Ok(Redeemed::New(r)) => Ok((StatusCode::CREATED, Json(r))),
+        Ok(Redeemed::Existing(r)) => Ok((StatusCode::OK, Json(r))),
+        Err(e) => Err(refusal(e)),
+    }
+}
+
+/// What a platform's redeem form sends to check a code as it is typed.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckRequest {
+    /// The code as typed: any case, spaces or dashes.
+    pub code: String,
+}
+
+/// Says whether a code can be redeemed, without redeeming it. A code that
+/// exists answers 200 whatever its state (`valid` says whether it can be
+/// redeemed); one that does not, 404 `code_not_found`.
+async fn check(
+    Platform(_): Platform,
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<CheckRequest>,
+) -> Result<Json<CodeCheck>, ApiError> {
+    let code = parse_code(&request.code)?;
+    redemption::check(&state.ctx.pool, &state.ctx.keys, &code)
+        .await
+        .map(Json)
+        .map_err(refusal)
 }
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/redemptions", post(redeem))
+    Router::new()
+        .route("/v1/redemptions", post(redeem))
+        .route("/v1/codes/check", post(check))
 }
