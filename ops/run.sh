@@ -73,6 +73,12 @@ if ENTITLE_STAFF_PASSWORD="$console_password" "$bin/entitle-gateway" create-staf
 else
     console_login="you@example.com (password shown at the first run; or create-staff another)"
 fi
+# A platform key for the demo's redemptions, kept in var/ (never committed).
+if [ ! -s var/platform.key ]; then
+    (umask 077; "$bin/entitle-gateway" create-platform-key --name demo-platform \
+        --reason "local demo" > var/platform.key)
+fi
+platform_key=$(cat var/platform.key)
 "$bin/entitle-gateway" serve 2> >(tee var/log/gateway.log >&2) & pids+=($!)
 "$bin/entitle-worker" run 2> >(tee var/log/worker.log >&2) & pids+=($!)
 wait_for_port 127.0.0.1 8080 "the gateway"
@@ -85,6 +91,9 @@ Entitle is running.
   emails     var/mail/*.eml          (SMTP sink on 127.0.0.1:2525)
   config     $config
 Place an order:   ops/demo-order.sh you@example.com 3
+Redeem a code:    the link in its email (/redeem), or the platform API:
+                  curl -s -X POST http://127.0.0.1:8080/v1/redemptions -H "Authorization: Bearer $platform_key" \\
+                    -H 'content-type: application/json' -d '{"code":"<code>","account_id":"acct_1","entity_ref":"me"}'
 Admin token:      ENTITLE_CONFIG=$config $bin/entitle-gateway create-token --name you --role admin
 Operator CLI:     ENTITLE_TOKEN=<token> $bin/entitlectl order find --email you@example.com
 Stop:             Ctrl-C

@@ -34,6 +34,16 @@ enum Command {
         #[arg(long, default_value = "bootstrap")]
         reason: String,
     },
+    /// Create a platform API key (for /v1: redemptions and code checks)
+    /// and print it.
+    CreatePlatformKey {
+        /// The key's name: redemptions made with it are recorded as
+        /// `platform:<name>`.
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "bootstrap")]
+        reason: String,
+    },
     /// Create a staff account for the support console (the first admin's,
     /// to bootstrap). The password is read from ENTITLE_STAFF_PASSWORD, or
     /// generated and printed once.
@@ -72,6 +82,19 @@ async fn main() -> anyhow::Result<()> {
                     .await?;
             // The only time the token is shown.
             println!("{token}");
+            return Ok(());
+        }
+        Some(Command::CreatePlatformKey { name, reason }) => {
+            let (_, key) = entitle_jobs::platform_key::create(
+                &ctx.pool,
+                &ctx.keys,
+                &name,
+                "operator:bootstrap",
+                &reason,
+            )
+            .await?;
+            // The only time the key is shown.
+            println!("{key}");
             return Ok(());
         }
         Some(Command::CreateStaff {

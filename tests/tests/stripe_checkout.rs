@@ -167,7 +167,10 @@ async fn the_emailed_code_redeems_once_and_another_account_is_told_it_is_already
             .await
             .unwrap();
     // The caller is the platform key; the account is in the event.
-    assert_eq!(actor, format!("platform:{}", entitle_tests::PLATFORM_KEY_NAME));
+    assert_eq!(
+        actor,
+        format!("platform:{}", entitle_tests::PLATFORM_KEY_NAME)
+    );
     assert_eq!(data["after"]["account_id"], "acct_bo");
     assert_eq!(data["before"]["state"], "issued");
     assert_eq!(data["after"]["state"], "redeemed");

@@ -81,6 +81,9 @@ pub enum Command {
     /// API tokens (admin).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The platform's API keys for /v1 (admin).
+    #[command(subcommand)]
+    PlatformKey(PlatformKeyCommand),
     /// Products and their channel references.
     #[command(subcommand)]
     Products(ProductsCommand),
@@ -284,6 +287,23 @@ pub enum TokenCommand {
         name: String,
         #[arg(long)]
         role: String,
+        #[arg(long)]
+        reason: String,
+    },
+    Revoke {
+        name: String,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PlatformKeyCommand {
+    List,
+    /// Creates a key and prints it (the only time it is shown).
+    Create {
+        #[arg(long)]
+        name: String,
         #[arg(long)]
         reason: String,
     },
@@ -563,6 +583,16 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
         }
         Command::Token(TokenCommand::Create { name, role, reason }) => {
             api.post("/admin/v1/tokens", json!({ "name": name, "role": role, "reason": reason })).await?
+        }
+        Command::PlatformKey(PlatformKeyCommand::List) => {
+            let keys = api.get("/admin/v1/platform-keys", &[]).await?;
+            return print(out, &cli, &keys, |out, v| rows(out, &v["platform_keys"], &["name", "created_by", "created_at", "last_used_at", "revoked_at"]));
+        }
+        Command::PlatformKey(PlatformKeyCommand::Create { name, reason }) => {
+            api.post("/admin/v1/platform-keys", json!({ "name": name, "reason": reason })).await?
+        }
+        Command::PlatformKey(PlatformKeyCommand::Revoke { name, reason }) => {
+            api.post(&format!("/admin/v1/platform-keys/{name}/revoke"), json!({ "reason": reason })).await?
         }
         Command::Token(TokenCommand::Revoke { name, reason }) => {
             api.post(&format!("/admin/v1/tokens/{name}/revoke"), json!({ "reason": reason })).await?
