@@ -474,7 +474,7 @@ async fn webhook_intake_stays_fast_under_a_redemption_flood() {
             worker: false,
         },
         json!({
-            "database": { "max_connections": 8 },
+            "database": { "max_connections": 4 },
             "gateway": { "limits": { "per_key_per_second": 1000000, "per_address_per_second": 1000000,
                                      "max_in_flight_platform": 256 } }
         }),
@@ -486,7 +486,7 @@ async fn webhook_intake_stays_fast_under_a_redemption_flood() {
     let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let redeeming = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut flood = Vec::new();
-    for client in 0..48 {
+    for client in 0..64 {
         let (http, url, key) = (
             reqwest::Client::new(),
             format!("{}/v1/redemptions", app.address),
@@ -538,13 +538,15 @@ async fn webhook_intake_stays_fast_under_a_redemption_flood() {
         client.await.unwrap();
     }
     let (p50, p99) = (quantile(latencies.clone(), 0.5), quantile(latencies, 0.99));
-    let redemption_p50 = quantile(redeeming.lock().unwrap().clone(), 0.5);
+    let redeemed = redeeming.lock().unwrap().clone();
+    let (redemption_p50, redemption_p99) =
+        (quantile(redeemed.clone(), 0.5), quantile(redeemed, 0.99));
     println!(
-        "intake under a flood of {during} redemptions (their p50 {redemption_p50:.1} ms): \
-         p50 {p50:.1} ms, p99 {p99:.1} ms"
+        "intake under a flood of {during} redemptions (theirs: p50 {redemption_p50:.1} ms, \
+         p99 {redemption_p99:.1} ms): p50 {p50:.1} ms, p99 {p99:.1} ms"
     );
     assert!(
-        during > 500,
+        during > 300,
         "the flood was real: {during} redemptions meanwhile"
     );
     assert_eq!(
@@ -554,9 +556,10 @@ async fn webhook_intake_stays_fast_under_a_redemption_flood() {
     );
     // Intake has connections of its own: without them, each webhook waited
     // in the pool's queue behind the redemptions, as long as they did. The
-    // bound is relative, so that it holds on a slow machine too.
+    // bounds are relative, so that they hold on a slow or busy machine too.
     assert!(
-        p99 < redemption_p50,
-        "intake p99 {p99:.1} ms under the flood, redemptions' p50 {redemption_p50:.1} ms"
+        p50 < redemption_p50 / 3.0 && p99 < redemption_p99,
+        "intake p50 {p50:.1} ms, p99 {p99:.1} ms under the flood; \
+         redemptions' p50 {redemption_p50:.1} ms, p99 {redemption_p99:.1} ms"
     );
 }
