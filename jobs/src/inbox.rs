@@ -482,7 +482,7 @@ pub async fn fail(pool: &PgPool, failures: &[Failure]) -> sqlx::Result<()> {
             continue;
         };
         record_failure(
-            &mut *tx,
+            &mut tx,
             failure,
             NewEvent {
                 channel: &channel,
@@ -535,7 +535,7 @@ pub async fn file_failed(
         code,
         detail: detail.to_owned(),
     };
-    record_failure(&mut *tx, &failure, event).await?;
+    record_failure(&mut tx, &failure, event).await?;
     tx.commit().await?;
     Ok(Filed::New(id))
 }

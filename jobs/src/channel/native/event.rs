@@ -437,6 +437,30 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_examples_are_read() {
+        for example in [
+            r#"{"type": "purchase.paid", "order_id": "ord_123",
+                "buyer": {"email": "ada@example.com", "name": "Ada"}, "account_id": "acct_1",
+                "gift": {"recipient_email": "rae@example.com", "recipient_name": "Rae",
+                         "message": "Happy birthday", "send_at": "2026-12-24"},
+                "currency": "EUR", "amount_total": 6000,
+                "lines": [{"sku": "KIT-BASIC", "quantity": 3, "unit_amount": 2000}]}"#,
+            r#"{"type": "purchase.refunded", "order_id": "ord_123", "refund_id": "rf_1",
+                "lines": [{"sku": "KIT-BASIC", "quantity": 1}]}"#,
+            r#"{"type": "purchase.cancelled", "order_id": "ord_123"}"#,
+        ] {
+            let event = parse(example.as_bytes(), LIMITS);
+            assert!(
+                matches!(
+                    event,
+                    Ok(NativeEvent::Paid(_) | NativeEvent::Refunded(_) | NativeEvent::Cancelled(_))
+                ),
+                "{example}: {event:?}"
+            );
+        }
+    }
+
+    #[test]
     fn the_unit_cap_itself_is_accepted() {
         let body = paid(serde_json::json!({ "lines": [{ "sku": "K", "quantity": 100 }] }));
         assert!(parse(&body, LIMITS).is_ok());
