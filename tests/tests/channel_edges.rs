@@ -681,6 +681,23 @@ async fn a_shopify_body_with_a_byte_that_is_not_utf8_is_kept_byte_for_byte() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_filed_before_bodies_were_kept_as_bytes_is_read_as_before() {
+    let app = TestApp::spawn().await;
+    // As rows were written before `body_bytes`: the text alone.
+    let sale = Sale::new("filed_before", "before@example.com", &[(Product::Kit, 2)]);
+    sqlx::query(
+        "INSERT INTO webhook_inbox (id, channel, event_id, event_type, body)
+         VALUES (gen_random_uuid(), 'native', 'msg_before', 'purchase.paid', $1)",
+    )
+    .bind(native_purchase(&sale).to_string())
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(app.mails(1).await[0].codes().len(), 2);
+    assert_eq!(outcome(&app, "msg_before").await.0, "processed");
+}
+
 // Stripe ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
