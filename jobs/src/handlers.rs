@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::{
     adjustment::{self, Kind},
-    channel::{native, shopify, stripe},
+    channel::{UNREADABLE, check_unit_cap, json_text, native, shopify, stripe},
     command::{Command, Purchase},
     context::Context,
     delivery::{self, Problem},
@@ -44,6 +44,13 @@ fn settings(ctx: &Context) -> IssueSettings<'_> {
     }
 }
 
+/// What the native channel's rules depend on, from the configuration.
+pub fn native_limits(ctx: &Context) -> native::event::Limits {
+    native::event::Limits {
+        max_units_per_order: ctx.config.worker.max_units_per_order,
+    }
+}
+
 /// Maps a channel's event to a command with the channel's adapter.
 pub async fn interpret(
     ctx: &Context,
@@ -53,8 +60,8 @@ pub async fn interpret(
 ) -> Result<Command, JobError> {
     match channel {
         stripe::CHANNEL => ctx.stripe.interpret(body).await,
-        shopify::CHANNEL => shopify::interpret(event_type, body),
-        native::CHANNEL => native::interpret(event_type, body),
+        shopify::CHANNEL => Ok(shopify::interpret(event_type, body)?),
+        native::CHANNEL => Ok(native::interpret(body.as_bytes(), native_limits(ctx))?),
         other => Err(JobError::permanent(
             "channel_unknown",
             format!("no adapter for channel {other}"),
@@ -68,7 +75,15 @@ async fn interpret_stored(
     event: StoredEvent,
 ) -> (StoredEvent, Result<Command, JobError>) {
     let command = match event.body.as_deref() {
-        Some(body) => interpret(ctx, &event.channel, &event.event_type, body).await,
+        // Filed failed at intake, then reopened by an operator: still nameless.
+        Some(_) if event.event_type == UNREADABLE => Err(JobError::permanent(
+            "event_malformed",
+            "the event could not be named when it arrived (no event id or type)",
+        )),
+        Some(body) => match json_text(body) {
+            Ok(text) => interpret(ctx, &event.channel, &event.event_type, text).await,
+            Err(unusable) => Err(unusable.into()),
+        },
         None => Err(JobError::permanent(
             "event_pruned",
             "the event's body was pruned before it was processed",
@@ -81,16 +96,11 @@ async fn interpret_stored(
 /// fulfil at all.
 fn check_size(ctx: &Context, purchase: &Purchase) -> Result<bool, JobError> {
     let units: u64 = purchase.lines.iter().map(|l| u64::from(l.quantity)).sum();
-    let cap = u64::from(ctx.config.worker.max_units_per_order);
-    if units > cap {
-        return Err(JobError::permanent(
-            "order_too_large",
-            format!(
-                "order {} has {units} units; at most {cap} (worker.max_units_per_order) can be issued",
-                purchase.channel_order_id
-            ),
-        ));
-    }
+    check_unit_cap(
+        &purchase.channel_order_id,
+        units,
+        ctx.config.worker.max_units_per_order,
+    )?;
     Ok(units <= u64::from(ctx.config.worker.issue_batch_size))
 }
 

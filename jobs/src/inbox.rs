@@ -11,7 +11,15 @@
 //! ```
 //!
 //! A pending event is fed to the queue under a lease (see [`crate::feed`]);
-//! the worker claims it by the lease's token, which counts an attempt.
+//! the worker claims it by the lease's token, which counts an attempt. An
+//! event that can never be carried out may also be filed `failed` at once.
+//!
+//! A body is kept byte for byte, so its signature can be checked again: in
+//! `body` (text) when text can hold it exactly, which is every body of valid
+//! UTF-8 without NUL, as the channels' JSON is; otherwise in `body_bytes`,
+//! with a readable rendering in `body` for people and the prune sweep.
+
+use std::borrow::Cow;
 
 use serde_json::json;
 use sqlx::{PgConnection, PgPool, Row};
@@ -29,7 +37,20 @@ pub struct NewEvent<'a> {
     pub channel: &'a str,
     pub event_id: &'a str,
     pub event_type: &'a str,
-    pub body: &'a str,
+    /// Exactly as received.
+    pub body: &'a [u8],
+}
+
+/// How a body is stored: its text, and its exact bytes when the text is not
+/// them (invalid UTF-8 and NUL shown as U+FFFD).
+fn stored_body(raw: &[u8]) -> (Cow<'_, str>, Option<&[u8]>) {
+    match std::str::from_utf8(raw) {
+        Ok(text) if !text.contains('\0') => (Cow::Borrowed(text), None),
+        _ => (
+            Cow::Owned(String::from_utf8_lossy(raw).replace('\0', "\u{FFFD}")),
+            Some(raw),
+        ),
+    }
 }
 
 /// What filing an event did.
@@ -48,7 +69,8 @@ pub struct StoredEvent {
     pub channel: String,
     pub event_id: String,
     pub event_type: String,
-    pub body: Option<String>,
+    /// Exactly as received; `None` once pruned.
+    pub body: Option<Vec<u8>>,
     pub status: String,
     /// Attempts so far, this one included when it was claimed.
     pub attempts: i32,
@@ -57,9 +79,10 @@ pub struct StoredEvent {
 /// Files an event once; a duplicate is a no-op that reports the original.
 /// One round trip for a new event: the webhook's answer waits on it.
 pub async fn file(pool: &PgPool, event: NewEvent<'_>) -> sqlx::Result<Filed> {
+    let (text, bytes) = stored_body(event.body);
     let inserted = sqlx::query(
-        "INSERT INTO webhook_inbox (id, channel, event_id, event_type, body)
-         VALUES ($1, $2, $3, $4, $5)
+        "INSERT INTO webhook_inbox (id, channel, event_id, event_type, body, body_bytes)
+         VALUES ($1, $2, $3, $4, $5, $6)
          ON CONFLICT (channel, event_id) DO NOTHING
          RETURNING id",
     )
@@ -67,12 +90,18 @@ pub async fn file(pool: &PgPool, event: NewEvent<'_>) -> sqlx::Result<Filed> {
     .bind(event.channel)
     .bind(event.event_id)
     .bind(event.event_type)
-    .bind(event.body)
+    .bind(text.as_ref())
+    .bind(bytes)
     .fetch_optional(pool)
     .await?;
     if let Some(row) = inserted {
         return Ok(Filed::New(row.get("id")));
     }
+    original(pool, event).await
+}
+
+/// The event filed before under the same channel and event id.
+async fn original(pool: &PgPool, event: NewEvent<'_>) -> sqlx::Result<Filed> {
     let row =
         sqlx::query("SELECT id, status FROM webhook_inbox WHERE channel = $1 AND event_id = $2")
             .bind(event.channel)
@@ -92,7 +121,8 @@ pub struct OwnedEvent {
     pub channel: &'static str,
     pub event_id: String,
     pub event_type: String,
-    pub body: String,
+    /// Exactly as received.
+    pub body: Vec<u8>,
 }
 
 impl OwnedEvent {
@@ -146,9 +176,11 @@ async fn file_together(
         });
         position.push(at);
     }
+    let bodies: Vec<(Cow<'_, str>, Option<&[u8]>)> =
+        unique.iter().map(|(_, e)| stored_body(&e.body)).collect();
     let inserted: Vec<Uuid> = sqlx::query_scalar(
-        "INSERT INTO webhook_inbox (id, channel, event_id, event_type, body)
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
+        "INSERT INTO webhook_inbox (id, channel, event_id, event_type, body, body_bytes)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[])
          ON CONFLICT (channel, event_id) DO NOTHING
          RETURNING id",
     )
@@ -166,12 +198,8 @@ async fn file_together(
             .map(|(_, e)| e.event_type.as_str())
             .collect::<Vec<_>>(),
     )
-    .bind(
-        unique
-            .iter()
-            .map(|(_, e)| e.body.as_str())
-            .collect::<Vec<_>>(),
-    )
+    .bind(bodies.iter().map(|(text, _)| text.as_ref()).collect::<Vec<_>>())
+    .bind(bodies.iter().map(|(_, bytes)| *bytes).collect::<Vec<_>>())
     .fetch_all(pool)
     .await?;
     let inserted: std::collections::HashSet<Uuid> = inserted.into_iter().collect();
@@ -181,7 +209,7 @@ async fn file_together(
             Ok(Filed::New(*id))
         } else {
             // Filed before (rare: a channel's retry): look the original up.
-            file(pool, event.borrowed()).await
+            original(pool, event.borrowed()).await
         });
     }
     let mut seen = vec![false; unique.len()];
@@ -241,9 +269,11 @@ pub async fn file_leased(
     lease: std::time::Duration,
 ) -> sqlx::Result<(Filed, Option<Uuid>)> {
     let token = Uuid::now_v7();
+    let (text, bytes) = stored_body(event.body);
     let inserted: Option<Uuid> = sqlx::query_scalar(
-        "INSERT INTO webhook_inbox (id, channel, event_id, event_type, body, leased_until, lease_token)
-         VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6), $7)
+        "INSERT INTO webhook_inbox (id, channel, event_id, event_type, body, body_bytes,
+                                    leased_until, lease_token)
+         VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7), $8)
          ON CONFLICT (channel, event_id) DO NOTHING
          RETURNING id",
     )
@@ -251,21 +281,22 @@ pub async fn file_leased(
     .bind(event.channel)
     .bind(event.event_id)
     .bind(event.event_type)
-    .bind(event.body)
+    .bind(text.as_ref())
+    .bind(bytes)
     .bind(lease.as_secs_f64())
     .bind(token)
     .fetch_optional(pool)
     .await?;
     match inserted {
         Some(id) => Ok((Filed::New(id), Some(token))),
-        None => Ok((file(pool, event).await?, None)),
+        None => Ok((original(pool, event).await?, None)),
     }
 }
 
 /// Reads a stored event.
 pub async fn load(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<StoredEvent>> {
     let row = sqlx::query(
-        "SELECT id, channel, event_id, event_type, body, status, attempts
+        "SELECT id, channel, event_id, event_type, body, body_bytes, status, attempts
          FROM webhook_inbox WHERE id = $1",
     )
     .bind(id)
@@ -275,12 +306,15 @@ pub async fn load(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<StoredEvent>> 
 }
 
 fn stored(r: &sqlx::postgres::PgRow) -> StoredEvent {
+    // Rows filed before `body_bytes` existed have their text only.
+    let text: Option<String> = r.get("body");
+    let bytes: Option<Vec<u8>> = r.get("body_bytes");
     StoredEvent {
         id: r.get("id"),
         channel: r.get("channel"),
         event_id: r.get("event_id"),
         event_type: r.get("event_type"),
-        body: r.get("body"),
+        body: bytes.or(text.map(String::into_bytes)),
         status: r.get("status"),
         attempts: r.get("attempts"),
     }
@@ -300,7 +334,7 @@ pub async fn claim(
         "UPDATE webhook_inbox
          SET attempts = attempts + 1, leased_until = now() + make_interval(secs => $3)
          WHERE id = ANY($1) AND lease_token = $2 AND status = 'pending'
-         RETURNING id, channel, event_id, event_type, body, status, attempts",
+         RETURNING id, channel, event_id, event_type, body, body_bytes, status, attempts",
     )
     .bind(ids)
     .bind(token)
@@ -447,42 +481,112 @@ pub async fn fail(pool: &PgPool, failures: &[Failure]) -> sqlx::Result<()> {
         let Some((channel, event_id, event_type)) = failed else {
             continue;
         };
-        audit::record(
+        record_failure(
             &mut tx,
-            AuditEvent {
-                actor: audit::WORKER,
-                action: "event.failed",
-                subject_type: "webhook_event",
-                subject_id: failure.id.to_string(),
-                reason: Some(&failure.detail),
-                data: json!({ "error_code": failure.code }),
+            failure,
+            NewEvent {
+                channel: &channel,
+                event_id: &event_id,
+                event_type: &event_type,
+                body: &[],
             },
         )
         .await?;
-        finding::record(
-            &mut tx,
-            audit::WORKER,
-            NewFinding {
-                kind: "event_failed",
-                order_id: None,
-                code_id: None,
-                channel: Some(&channel),
-                channel_reference: Some(&event_id),
-                detail: format!(
-                    "{event_type} event {event_id} failed with {}: {}",
-                    failure.code, failure.detail
-                ),
-                action_taken: None,
-                dedupe_key: format!("event_failed:{}", failure.id),
-                run_id: None,
-            },
-        )
-        .await?;
-        tracing::warn!(inbox_id = %failure.id, code = failure.code, detail = %failure.detail,
-            "webhook event failed");
-        metrics::counter!("entitle_events_failed_total", "code" => failure.code).increment(1);
     }
     tx.commit().await
+}
+
+/// Files an authentic event that can never be carried out as `failed` at
+/// once (a Shopify body contradicting its topic, a Stripe event that cannot
+/// be named), with its audit event and finding, in one transaction: it is
+/// never pending, so no worker acts on it. The same event filed again is a
+/// duplicate, as any event is.
+pub async fn file_failed(
+    pool: &PgPool,
+    event: NewEvent<'_>,
+    code: &'static str,
+    detail: &str,
+) -> sqlx::Result<Filed> {
+    let (text, bytes) = stored_body(event.body);
+    let mut tx = pool.begin().await?;
+    let inserted: Option<Uuid> = sqlx::query_scalar(
+        "INSERT INTO webhook_inbox (id, channel, event_id, event_type, body, body_bytes,
+                                    status, processed_at, error_code, last_error)
+         VALUES ($1, $2, $3, $4, $5, $6, 'failed', now(), $7, $8)
+         ON CONFLICT (channel, event_id) DO NOTHING
+         RETURNING id",
+    )
+    .bind(Uuid::now_v7())
+    .bind(event.channel)
+    .bind(event.event_id)
+    .bind(event.event_type)
+    .bind(text.as_ref())
+    .bind(bytes)
+    .bind(code)
+    .bind(detail)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(id) = inserted else {
+        tx.rollback().await?;
+        return original(pool, event).await;
+    };
+    let failure = Failure {
+        id,
+        code,
+        detail: detail.to_owned(),
+    };
+    record_failure(&mut tx, &failure, event).await?;
+    tx.commit().await?;
+    Ok(Filed::New(id))
+}
+
+/// The audit event, finding, log line and metric of an event that failed.
+async fn record_failure(
+    tx: &mut PgConnection,
+    failure: &Failure,
+    event: NewEvent<'_>,
+) -> sqlx::Result<()> {
+    let NewEvent {
+        channel,
+        event_id,
+        event_type,
+        ..
+    } = event;
+    audit::record(
+        &mut *tx,
+        AuditEvent {
+            actor: audit::WORKER,
+            action: "event.failed",
+            subject_type: "webhook_event",
+            subject_id: failure.id.to_string(),
+            reason: Some(&failure.detail),
+            data: json!({ "error_code": failure.code }),
+        },
+    )
+    .await?;
+    finding::record(
+        &mut *tx,
+        audit::WORKER,
+        NewFinding {
+            kind: "event_failed",
+            order_id: None,
+            code_id: None,
+            channel: Some(channel),
+            channel_reference: Some(event_id),
+            detail: format!(
+                "{event_type} event {event_id} failed with {}: {}",
+                failure.code, failure.detail
+            ),
+            action_taken: None,
+            dedupe_key: format!("event_failed:{}", failure.id),
+            run_id: None,
+        },
+    )
+    .await?;
+    tracing::warn!(inbox_id = %failure.id, code = failure.code, detail = %failure.detail,
+        "webhook event failed");
+    metrics::counter!("entitle_events_failed_total", "code" => failure.code).increment(1);
+    Ok(())
 }
 
 /// A claimed event whose attempt failed in a way a retry may get past.

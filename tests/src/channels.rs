@@ -174,27 +174,7 @@ impl Channel {
                 .await
             }
             Channel::Native => {
-                let mut body = json!({
-                    "type": "purchase.paid",
-                    "order_id": sale.order,
-                    "buyer": { "email": sale.buyer, "name": "Ada Buyer" },
-                    "currency": "EUR",
-                    "amount_total": sale.total(),
-                    "lines": sale.lines.iter().map(|(p, q)| json!({ "sku": sku(*p), "quantity": q, "unit_amount": UNIT_PRICE })).collect::<Vec<_>>(),
-                });
-                if let Some(account) = &sale.account_id {
-                    body["account_id"] = json!(account);
-                }
-                if let Some(g) = &sale.gift {
-                    body["gift"] = json!({
-                        "recipient_email": g.recipient_email,
-                        "recipient_name": g.recipient_name,
-                        "message": g.message,
-                    });
-                    if let Some(t) = g.send_at {
-                        body["gift"]["send_at"] = json!(t.to_rfc3339());
-                    }
-                }
+                let body = native_purchase(sale);
                 self.post(
                     app,
                     &format!("msg_paid_{}", sale.order),
@@ -383,6 +363,19 @@ impl Channel {
         body: &str,
         signing: Signing,
     ) -> reqwest::Response {
+        self.post_bytes(app, event_id, topic, body.as_bytes(), signing)
+            .await
+    }
+
+    /// [`Channel::post`] for a body that need not be text.
+    pub async fn post_bytes(
+        self,
+        app: &TestApp,
+        event_id: &str,
+        topic: &str,
+        body: &[u8],
+        signing: Signing,
+    ) -> reqwest::Response {
         let now = Utc::now();
         let url = format!("{}/webhooks/{}", app.address, self.name());
         let request = app
@@ -396,10 +389,10 @@ impl Channel {
                     Signing::WrongSecret => ("whsec_not_ours", now.timestamp()),
                     Signing::Stale => (STRIPE_WEBHOOK_SECRET, now.timestamp() - 600),
                 };
-                let mut header = stripe_channel::sign(body.as_bytes(), secret, t);
+                let mut header = stripe_channel::sign(body, secret, t);
                 if signing == Signing::Rotated {
                     // Stripe sends one v1 per active secret while rolling.
-                    let other = stripe_channel::sign(body.as_bytes(), "whsec_new_unknown", t);
+                    let other = stripe_channel::sign(body, "whsec_new_unknown", t);
                     header = format!("{other},{}", header.split(',').nth(1).unwrap());
                 }
                 request.header("stripe-signature", header)
@@ -412,10 +405,7 @@ impl Channel {
                     Signing::Stale => (SHOPIFY_SECRET, now - chrono::Duration::days(3)),
                 };
                 request
-                    .header(
-                        "x-shopify-hmac-sha256",
-                        shopify::sign(body.as_bytes(), secret),
-                    )
+                    .header("x-shopify-hmac-sha256", shopify::sign(body, secret))
                     .header("x-shopify-topic", topic)
                     .header("x-shopify-webhook-id", event_id)
                     .header("x-shopify-shop-domain", "entitle-test.myshopify.com")
@@ -429,19 +419,14 @@ impl Channel {
                 };
                 let signature = match signing {
                     Signing::WrongSecret => {
-                        native::sign(event_id, t, body.as_bytes(), "whsec_bm90LW91cnMtYXQtYWxs")
+                        native::sign(event_id, t, body, "whsec_bm90LW91cnMtYXQtYWxs")
                     }
                     Signing::Rotated => format!(
                         "{} {}",
-                        native::sign(
-                            event_id,
-                            t,
-                            body.as_bytes(),
-                            "whsec_bmV4dC1zZWNyZXQtbm90LXlldA=="
-                        ),
-                        native::sign(event_id, t, body.as_bytes(), NATIVE_SECRET)
+                        native::sign(event_id, t, body, "whsec_bmV4dC1zZWNyZXQtbm90LXlldA=="),
+                        native::sign(event_id, t, body, NATIVE_SECRET)
                     ),
-                    _ => native::sign(event_id, t, body.as_bytes(), NATIVE_SECRET),
+                    _ => native::sign(event_id, t, body, NATIVE_SECRET),
                 };
                 request
                     .header("webhook-id", event_id)
@@ -450,7 +435,7 @@ impl Channel {
             }
         };
         request
-            .body(body.to_owned())
+            .body(body.to_vec())
             .send()
             .await
             .expect("the gateway answers")
@@ -514,6 +499,32 @@ pub fn stripe_charge(sale: &Sale, amount_refunded: i64) -> Value {
     ))
     .expect("fixtures are JSON");
     event["data"]["object"].clone()
+}
+
+/// The sale as the native checkout's `purchase.paid` body.
+pub fn native_purchase(sale: &Sale) -> Value {
+    let mut body = json!({
+        "type": "purchase.paid",
+        "order_id": sale.order,
+        "buyer": { "email": sale.buyer, "name": "Ada Buyer" },
+        "currency": "EUR",
+        "amount_total": sale.total(),
+        "lines": sale.lines.iter().map(|(p, q)| json!({ "sku": sku(*p), "quantity": q, "unit_amount": UNIT_PRICE })).collect::<Vec<_>>(),
+    });
+    if let Some(account) = &sale.account_id {
+        body["account_id"] = json!(account);
+    }
+    if let Some(g) = &sale.gift {
+        body["gift"] = json!({
+            "recipient_email": g.recipient_email,
+            "recipient_name": g.recipient_name,
+            "message": g.message,
+        });
+        if let Some(t) = g.send_at {
+            body["gift"]["send_at"] = json!(t.to_rfc3339());
+        }
+    }
+    body
 }
 
 /// The sale as a Shopify order (the `orders/paid` body, and what the Admin

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use entitle_tests::{
     Options, TestApp,
-    channels::{Channel, Product, Sale, Signing},
+    channels::{Channel, Product, Sale, Signing, shopify_order},
     eventually,
     smtp::DEFERRED_DOMAIN,
     stripe::{checkout_event, line_items_path},
@@ -42,6 +42,26 @@ fn native_purchase(order_id: &str, buyer_name: &str, quantity: u64) -> String {
         "lines": [{ "sku": "KIT-BASIC", "quantity": quantity, "unit_amount": 2000 }],
     })
     .to_string()
+}
+
+/// A Shopify `orders/paid` body of one line of `quantity` kits. The native
+/// checkout refuses such orders at the door (400); Shopify's are filed, so
+/// the worker's own checks are what stops them.
+fn shopify_paid(order: &str, quantity: u32, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let mut body = shopify_order(&Sale::new(
+        order,
+        "buyer@example.com",
+        &[(Product::Kit, quantity)],
+    ));
+    edit(&mut body);
+    body.to_string()
+}
+
+async fn post_shopify(app: &TestApp, event_id: &str, body: &str) {
+    let response = Channel::Shopify
+        .post(app, event_id, "orders/paid", body, Signing::Good)
+        .await;
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
 }
 
 async fn post_native(app: &TestApp, event_id: &str, body: &str) {
@@ -220,18 +240,13 @@ async fn an_email_the_server_keeps_deferring_ends_failed_after_its_attempts_with
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_order_above_the_unit_cap_fails_clearly_and_mints_nothing() {
     let app = TestApp::spawn().await;
-    post_native(
+    post_shopify(
         &app,
         "msg_huge",
-        &native_purchase("huge", "Huge", 2_147_483_648),
+        &shopify_paid("huge", 2_147_483_648, |_| {}),
     )
     .await;
-    post_native(
-        &app,
-        "msg_large",
-        &native_purchase("large", "Large", 1_000_000),
-    )
-    .await;
+    post_shopify(&app, "msg_large", &shopify_paid("large", 1_000_000, |_| {})).await;
     for event in ["msg_huge", "msg_large"] {
         eventually(event, entitle_tests::WAIT, || async {
             (event_outcome(&app, event).await.0 == "failed").then_some(())
@@ -273,11 +288,23 @@ async fn data_the_database_refuses_fails_its_event_at_once_and_spares_the_rest_o
     // A NUL byte (Postgres text refuses it) and an order id too long for its
     // index (random, so it does not compress below the limit): no retry can
     // store either.
-    post_native(&app, "msg_nul", &native_purchase("nul", "Nul\u{0}Byte", 1)).await;
+    post_shopify(
+        &app,
+        "msg_nul",
+        &shopify_paid("nul", 1, |b| {
+            b["customer"]["first_name"] = json!("Nul\u{0}Byte")
+        }),
+    )
+    .await;
     let long: String = (0..8000)
         .map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rand::random_range(0..36)]))
         .collect();
-    post_native(&app, "msg_long", &native_purchase(&long, "Long", 1)).await;
+    post_shopify(
+        &app,
+        "msg_long",
+        &shopify_paid("long", 1, |b| b["id"] = json!(long)),
+    )
+    .await;
     // One worker takes them all in one batch.
     app.restart_worker().await;
 

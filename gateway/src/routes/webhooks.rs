@@ -1,7 +1,12 @@
 //! `POST /webhooks/{stripe,shopify,native}`: each channel verifies its own
-//! signature; then every event is filed in the inbox and acknowledged the
-//! same way. Filing is the whole of intake: one insert, no Redis. A worker's
-//! feeder queues the event within moments (see `entitle_jobs::feed`).
+//! signature, then its adapter reads the event as the worker will. A usable
+//! event is filed in the inbox and acknowledged the same way whatever its
+//! channel: filing is the whole of intake, one insert, no Redis, and a
+//! worker's feeder queues the event within moments (see
+//! `entitle_jobs::feed`). An event that can never be carried out is refused
+//! by the native channel (`400`: its sender is the platform, which can fix
+//! it) and, from Stripe and Shopify, filed already failed and answered
+//! `200` (they would retry it for days, and no retry can mend it).
 
 use std::time::Duration;
 
@@ -14,11 +19,10 @@ use axum::{
 };
 use chrono::Utc;
 use entitle_jobs::{
-    channel::{Envelope, Headers, SignatureError, native, shopify, stripe},
-    inbox,
+    channel::{Envelope, Headers, Screened, SignatureError, Unusable, native, shopify, stripe},
+    handlers, inbox,
 };
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
 use crate::{AppState, error::ApiError};
 
@@ -41,7 +45,8 @@ async fn stripe(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         Duration::from_secs(config.signature_tolerance_secs),
         Utc::now(),
     );
-    accept(&state, stripe::CHANNEL, verified, stripe::envelope, &body).await
+    authentic(stripe::CHANNEL, verified)?;
+    file(&state, stripe::CHANNEL, stripe::screen(&body), &body).await
 }
 
 async fn shopify(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Answer {
@@ -54,11 +59,11 @@ async fn shopify(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
         Duration::from_secs(config.max_event_age_secs),
         Utc::now(),
     );
-    accept(
+    authentic(shopify::CHANNEL, verified)?;
+    file(
         &state,
         shopify::CHANNEL,
-        verified,
-        |_| shopify::envelope(&headers),
+        shopify::screen(&headers, &body),
         &body,
     )
     .await
@@ -74,26 +79,14 @@ async fn native(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         Duration::from_secs(config.signature_tolerance_secs),
         Utc::now(),
     );
-    accept(
-        &state,
-        native::CHANNEL,
-        verified,
-        |text| native::envelope(&headers, text),
-        &body,
-    )
-    .await
+    authentic(native::CHANNEL, verified)?;
+    let envelope = native::screen(&headers, &body, handlers::native_limits(&state.ctx))
+        .map_err(|why| refused(native::CHANNEL, why))?;
+    file(&state, native::CHANNEL, Screened::Usable(envelope), &body).await
 }
 
-/// Files an authentic event once. A bad signature stores nothing; an
-/// authentic event that cannot be named is kept, marked failed, and
-/// answered 400.
-async fn accept(
-    state: &AppState,
-    channel: &'static str,
-    verified: Result<(), SignatureError>,
-    envelope: impl FnOnce(&str) -> Result<Envelope, String>,
-    body: &[u8],
-) -> Answer {
+/// A bad signature stores nothing and is answered at once.
+fn authentic(channel: &'static str, verified: Result<(), SignatureError>) -> Result<(), ApiError> {
     verified.map_err(|e| {
         metrics::counter!("entitle_webhooks_rejected_total", "channel" => channel, "code" => e.code())
             .increment(1);
@@ -103,57 +96,64 @@ async fn accept(
             _ => StatusCode::BAD_REQUEST,
         };
         ApiError::new(status, e.code(), e.to_string())
-    })?;
+    })
+}
 
-    // Authentic from here on: whatever it holds is kept.
-    let text = String::from_utf8_lossy(body);
-    let envelope = envelope(&text);
-    let (event_id, event_type) = match &envelope {
-        Ok(e) => (e.event_id.clone(), e.event_type.clone()),
-        Err(_) => (
-            format!("unreadable:{}", hex::encode(Sha256::digest(body))),
-            "unreadable".to_owned(),
-        ),
-    };
-    let filed = state
-        .intake
-        .file(inbox::OwnedEvent {
-            channel,
+/// An authentic event that can never be carried out, answered `400` and not
+/// stored: the sender hears what to fix.
+fn refused(channel: &'static str, why: Unusable) -> ApiError {
+    metrics::counter!("entitle_webhooks_rejected_total", "channel" => channel, "code" => why.code)
+        .increment(1);
+    tracing::info!(channel, code = why.code, detail = %why.detail, "webhook refused");
+    ApiError::new(StatusCode::BAD_REQUEST, why.code, why.detail)
+}
+
+/// Files an authentic event once: a usable one pending, for the worker; an
+/// unusable one already failed, with its finding.
+async fn file(state: &AppState, channel: &'static str, screened: Screened, body: &[u8]) -> Answer {
+    let (filed, event_type, failed) = match screened {
+        Screened::Usable(Envelope {
             event_id,
-            event_type: event_type.clone(),
-            body: text.into_owned(),
-        })
-        .await?;
-    metrics::counter!("entitle_webhooks_received_total", "channel" => channel).increment(1);
-
-    if let Err(problem) = envelope {
-        if let inbox::Filed::New(id) = filed {
-            inbox::fail(
+            event_type,
+        }) => {
+            let filed = state
+                .intake
+                .file(inbox::OwnedEvent {
+                    channel,
+                    event_id,
+                    event_type: event_type.clone(),
+                    body: body.to_vec(),
+                })
+                .await?;
+            (filed, event_type, None)
+        }
+        Screened::Unusable { envelope, why } => {
+            let filed = inbox::file_failed(
                 &state.ctx.pool,
-                &[inbox::Failure {
-                    id,
-                    code: "event_malformed",
-                    detail: problem.clone(),
-                }],
+                inbox::NewEvent {
+                    channel,
+                    event_id: &envelope.event_id,
+                    event_type: &envelope.event_type,
+                    body,
+                },
+                why.code,
+                &why.detail,
             )
             .await?;
+            (filed, envelope.event_type, Some(why))
         }
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "event_malformed",
-            problem,
-        ));
-    }
-
+    };
+    metrics::counter!("entitle_webhooks_received_total", "channel" => channel).increment(1);
     let (id, duplicate) = match filed {
         inbox::Filed::New(id) => (id, false),
         inbox::Filed::Duplicate { id, .. } => (id, true),
     };
     tracing::debug!(channel, inbox_id = %id, %event_type, duplicate, "webhook accepted");
-    Ok((
-        StatusCode::OK,
-        Json(json!({ "received": true, "event": id, "duplicate": duplicate })),
-    ))
+    let mut answer = json!({ "received": true, "event": id, "duplicate": duplicate });
+    if let Some(why) = failed.filter(|_| !duplicate) {
+        answer["failed"] = json!({ "code": why.code, "detail": why.detail });
+    }
+    Ok((StatusCode::OK, Json(answer)))
 }
 
 pub fn router() -> Router<AppState> {

@@ -1,6 +1,10 @@
 //! Shopify: `X-Shopify-Hmac-Sha256` verification (base64 HMAC-SHA256 of the
 //! raw body), events named by `X-Shopify-Webhook-Id` and `X-Shopify-Topic`,
 //! and the mapping of `orders/paid`, `orders/cancelled` and `refunds/create`.
+//!
+//! Shopify signs the body but not the topic, so a body is carried out only
+//! when it says what its topic says: a captured `orders/paid` body posted
+//! again under `orders/cancelled` must not revoke a paid order's codes.
 
 use std::time::Duration;
 
@@ -9,12 +13,12 @@ use hmac::Mac;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::{Envelope, Headers, SignatureError, any_matches, base64_decode, base64_encode};
-use crate::{
-    command::{
-        AdjustedLine, Adjustment, AdjustmentScope, Command, Purchase, PurchaseLine, gift_from_pairs,
-    },
-    error::JobError,
+use super::{
+    Envelope, Headers, Screened, SignatureError, Unusable, any_matches, base64_decode,
+    base64_encode,
+};
+use crate::command::{
+    AdjustedLine, Adjustment, AdjustmentScope, Command, Purchase, PurchaseLine, gift_from_pairs,
 };
 
 /// Entitle's name for this channel.
@@ -85,10 +89,28 @@ pub fn envelope(headers: &dyn Headers) -> Result<Envelope, String> {
         .header("x-shopify-topic")
         .filter(|v| !v.is_empty())
         .ok_or("X-Shopify-Topic is missing")?;
-    Ok(Envelope {
-        event_id: event_id.to_owned(),
-        event_type: topic.to_owned(),
-    })
+    Envelope::checked(event_id, topic)
+}
+
+/// What intake makes of an authentic Shopify event: it is read now, as the
+/// worker will read it, so one that can never be carried out (unnamed, not
+/// JSON, a body that contradicts its topic) is filed failed at once and
+/// answered 2xx; Shopify would otherwise retry it for hours, then drop the
+/// subscription.
+pub fn screen(headers: &dyn Headers, body: &[u8]) -> Screened {
+    let envelope = match envelope(headers) {
+        Ok(envelope) => envelope,
+        Err(problem) => {
+            return Screened::Unusable {
+                envelope: Envelope::unreadable(body),
+                why: Unusable::malformed(problem),
+            };
+        }
+    };
+    match super::json_text(body).and_then(|text| interpret(&envelope.event_type, text)) {
+        Ok(_) => Screened::Usable(envelope),
+        Err(why) => Screened::Unusable { envelope, why },
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -122,6 +144,8 @@ fn opt_text_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<S
 struct Order {
     #[serde(deserialize_with = "text_or_number")]
     id: String,
+    financial_status: Option<String>,
+    cancelled_at: Option<String>,
     email: Option<String>,
     contact_email: Option<String>,
     customer: Option<Customer>,
@@ -185,19 +209,59 @@ fn references(line: &LineItem) -> Vec<String> {
         .collect()
 }
 
-fn malformed(e: impl std::fmt::Display) -> JobError {
-    JobError::permanent("event_malformed", e.to_string())
+fn malformed(e: impl std::fmt::Display) -> Unusable {
+    Unusable::malformed(e.to_string())
+}
+
+/// What `orders/paid` fulfils: an order paid in full, possibly partly
+/// refunded since (its refunds revoke their units; reconciliation fulfils
+/// such orders too). `partially_paid` is not paid in full, `refunded` has
+/// nothing paid left, `pending`, `authorized`, `voided` and `expired` were
+/// never paid.
+const PAID: [&str; 2] = ["paid", "partially_refunded"];
+
+fn topic_mismatch(topic: &str, detail: String) -> Unusable {
+    Unusable {
+        code: "topic_mismatch",
+        detail: format!("{topic} refused: {detail} (a body signed for another topic?)"),
+    }
 }
 
 /// Turns a stored Shopify event into a command.
-pub fn interpret(topic: &str, body: &str) -> Result<Command, JobError> {
+pub fn interpret(topic: &str, body: &str) -> Result<Command, Unusable> {
     match topic {
         "orders/paid" => {
             let order: Order = serde_json::from_str(body).map_err(malformed)?;
+            let status = order.financial_status.as_deref().unwrap_or("");
+            if !PAID.contains(&status) {
+                return Err(topic_mismatch(
+                    topic,
+                    format!(
+                        "order {} has financial_status {status:?}, not paid or partially_refunded",
+                        order.id
+                    ),
+                ));
+            }
+            if let Some(at) = &order.cancelled_at {
+                return Err(topic_mismatch(
+                    topic,
+                    format!("order {} was cancelled at {at}", order.id),
+                ));
+            }
             purchase(order).map(|p| Command::Purchase(Box::new(p)))
         }
         "orders/cancelled" => {
             let order: Order = serde_json::from_str(body).map_err(malformed)?;
+            if order
+                .cancelled_at
+                .as_deref()
+                .is_none_or(|at| at.trim().is_empty())
+            {
+                return Err(topic_mismatch(
+                    topic,
+                    format!("order {} has no cancelled_at", order.id),
+                ));
+            }
             Ok(Command::Cancellation(Adjustment {
                 channel: CHANNEL.to_owned(),
                 adjustment_key: format!("order:{}:cancelled", order.id),
@@ -235,7 +299,7 @@ pub fn interpret(topic: &str, body: &str) -> Result<Command, JobError> {
     }
 }
 
-fn purchase(order: Order) -> Result<Purchase, JobError> {
+fn purchase(order: Order) -> Result<Purchase, Unusable> {
     let customer = order.customer.as_ref();
     let buyer_email = order
         .email

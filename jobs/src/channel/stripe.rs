@@ -10,7 +10,7 @@ use hmac::Mac;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::{Envelope, SignatureError, any_matches};
+use super::{Envelope, Screened, SignatureError, Unusable, any_matches};
 use crate::{
     command::{Adjustment, AdjustmentScope, Command, Purchase, PurchaseLine, gift_from_pairs},
     config::StripeConfig,
@@ -95,10 +95,22 @@ struct EventHead {
 pub fn envelope(body: &str) -> Result<Envelope, String> {
     let head: EventHead =
         serde_json::from_str(body).map_err(|e| format!("the event is not a Stripe event: {e}"))?;
-    Ok(Envelope {
-        event_id: head.id,
-        event_type: head.event_type,
-    })
+    Envelope::checked(&head.id, &head.event_type)
+}
+
+/// What intake makes of an authentic Stripe event: one that cannot be named
+/// (not JSON, no id, an id the inbox cannot keep) is filed failed at once
+/// and answered 2xx, since Stripe would otherwise retry it for three days.
+/// The rest of the body is read by the worker, which needs Stripe's API for
+/// the line items anyway; what it cannot use fails on that first attempt.
+pub fn screen(body: &[u8]) -> Screened {
+    match super::json_text(body).and_then(|text| envelope(text).map_err(Unusable::malformed)) {
+        Ok(envelope) => Screened::Usable(envelope),
+        Err(why) => Screened::Unusable {
+            envelope: Envelope::unreadable(body),
+            why,
+        },
+    }
 }
 
 #[derive(Debug, Deserialize)]

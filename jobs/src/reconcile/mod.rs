@@ -375,7 +375,7 @@ impl Run<'_> {
                 channel: self.channel,
                 event_id: &event.event_id,
                 event_type: &event.event_type,
-                body: &event.body,
+                body: event.body.as_bytes(),
             },
             self.ctx.config.lease(),
         )
