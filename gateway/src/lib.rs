@@ -13,6 +13,8 @@ pub mod admin;
 pub mod auth;
 pub mod console;
 pub mod error;
+pub mod openapi;
+pub mod openapi_v1;
 pub mod routes;
 
 /// What every handler can reach.
@@ -27,12 +29,10 @@ pub struct AppState {
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
     let max_body = state.ctx.config.gateway.max_body_bytes;
-    let mut router = Router::new()
-        .merge(routes::health::router())
-        .merge(routes::webhooks::router())
-        .merge(routes::redemptions::router())
-        .merge(admin::router())
-        .merge(console::router(&state));
+    // The API's routes come with their OpenAPI operations (see `openapi`);
+    // the console's HTML pages are not part of the API.
+    let (api, _) = openapi::api().split_for_parts();
+    let mut router = Router::new().merge(api).merge(console::router(&state));
     if state.ctx.config.gateway.redeem_page {
         router = router.merge(routes::redeem_page::router());
     }
