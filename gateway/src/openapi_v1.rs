@@ -28,9 +28,10 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(OpenApiRouter::from(crate::routes::webhooks::router()))
 }
 
-/// Paths served by [`router`] that no operation here describes yet, and
-/// operations described before their handler is served: none may be left
-/// when the handlers carry their own operations.
+/// Operations described here before their handler is served (the code
+/// check is being wired in another branch). The contract test accepts these
+/// paths missing from the router, and nothing else; empty it once they are
+/// served.
 pub const DESCRIBED_NOT_SERVED: &[&str] = &["/v1/codes/check"];
 
 #[derive(OpenApi)]
@@ -183,7 +184,7 @@ pub struct StripeEventData {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum StripeObject {
-    CheckoutSession(StripeCheckoutSession),
+    CheckoutSession(Box<StripeCheckoutSession>),
     Charge(StripeCharge),
 }
 
@@ -371,7 +372,7 @@ pub struct ShopifyRefundLineItem {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum ShopifyBody {
-    Order(ShopifyOrder),
+    Order(Box<ShopifyOrder>),
     Refund(ShopifyRefund),
 }
 

@@ -209,7 +209,9 @@ fn validator(document: &Value, pointer: &str, closed: bool) -> jsonschema::Valid
         close(&mut root["components"]["schemas"]);
         close(&mut root["paths"]);
     }
-    root["$ref"] = json!(format!("#{pointer}"));
+    // A JSON pointer in a URI fragment: `{` and `}` percent-encoded.
+    let fragment = pointer.replace('{', "%7B").replace('}', "%7D");
+    root["$ref"] = json!(format!("#{fragment}"));
     jsonschema::draft202012::options()
         .should_validate_formats(true)
         .build(&root)
@@ -373,6 +375,18 @@ async fn the_openapi_document_is_valid_openapi_3_1() {
     let error = &document["components"]["schemas"]["Error"];
     assert_eq!(error["required"], json!(["code", "detail"]));
 
+    // The answer check itself refuses what a schema does not allow: an
+    // undocumented field, a value of the wrong type.
+    for wrong in [
+        json!({ "orders": [], "next": 1 }),
+        json!({ "orders": [{ "id": "not-a-uuid" }] }),
+    ] {
+        let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            check_answer(&document, "GET", "/admin/v1/orders", 200, &wrong)
+        }));
+        assert!(checked.is_err(), "{wrong} is refused");
+    }
+
     // Where the admin API's document used to be, this one is.
     let response = app
         .http
@@ -385,18 +399,24 @@ async fn the_openapi_document_is_valid_openapi_3_1() {
 }
 
 /// The paths a router serves, as axum's router lists them in its `Debug`
-/// output: the one view of its routes it gives. The caller checks a path
-/// it knows is there, so a change in that output fails loudly rather than
-/// passing with nothing found.
+/// output (`path_router: … RouteId(3): "/healthz"`; its `fallback_router`
+/// lists the fallback's catch-all): the one view of its routes it gives.
+/// The caller checks a path it knows is there, so a change in that output
+/// fails loudly rather than passing with nothing found.
 fn served_paths(router: &impl std::fmt::Debug) -> BTreeSet<String> {
     let listing = format!("{router:?}");
-    let mut paths = BTreeSet::new();
-    for quoted in listing.split('"').skip(1).step_by(2) {
-        if quoted.starts_with('/') && !quoted.contains("__private__axum") {
-            paths.insert(quoted.to_owned());
-        }
-    }
-    paths
+    let (routes, _fallback) = listing
+        .split_once("fallback_router")
+        .expect("a Router lists its fallback router");
+    routes
+        .split("RouteId(")
+        .skip(1)
+        .filter_map(|entry| {
+            let (_, rest) = entry.split_once("): \"")?;
+            let (path, _) = rest.split_once('"')?;
+            (path.starts_with('/') && !path.contains("__private__axum")).then(|| path.to_owned())
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,7 +31,7 @@ const MAX_WINDOW_DAYS: i64 = 366;
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(examples(json!({ "channel": "stripe", "from": "2026-11-01T00:00:00Z", "to": "2026-11-02T00:00:00Z", "reason": "webhook outage" })))]
-struct StartRequest {
+struct ReconciliationRequest {
     /// stripe, shopify or native.
     channel: String,
     /// Window start; default: `reconcile.window_hours` before its end.
@@ -64,7 +64,7 @@ pub struct RunQueued {
 #[utoipa::path(
     post, path = "/admin/v1/reconciliations", tag = "reconciliations",
     params(IdempotencyKey),
-    request_body = StartRequest,
+    request_body = ReconciliationRequest,
     security(("bearer" = ["operator"])),
     extensions(("x-entitle-role" = json!("operator"))),
     responses(
@@ -76,7 +76,7 @@ async fn start_reconciliation(
     actor: Actor,
     State(state): State<AppState>,
     headers: HeaderMap,
-    ApiJson(request): ApiJson<StartRequest>,
+    ApiJson(request): ApiJson<ReconciliationRequest>,
 ) -> Result<Answer, ApiError> {
     actor.require(Role::Operator)?;
     if !reconcile::CHANNELS.contains(&request.channel.as_str()) {
