@@ -20,10 +20,15 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
-    code: &'a str,
-    detail: &'a str,
+/// Every error answer's body: the one `Error` schema of the OpenAPI
+/// document, which every 4xx and 5xx response refers to.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody {
+    /// Stable and machine-readable, e.g. `code_not_found`: branch on it.
+    code: &'static str,
+    /// A sentence for people; its wording may change.
+    detail: String,
 }
 
 impl ApiError {
@@ -55,9 +60,9 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Json(Body {
+        let body = Json(ErrorBody {
             code: self.code,
-            detail: &self.detail,
+            detail: self.detail,
         });
         let mut response = (self.status, body).into_response();
         if let Some(seconds) = self.retry_after {

@@ -16,6 +16,8 @@ pub mod admin;
 pub mod auth;
 pub mod console;
 pub mod error;
+pub mod openapi;
+pub mod openapi_v1;
 pub mod platform;
 pub mod routes;
 pub mod serve;
@@ -36,19 +38,10 @@ pub fn router(state: AppState) -> Router {
     let gateway = &state.ctx.config.gateway;
     let max_body = gateway.max_body_bytes;
     let timeouts = &gateway.timeouts;
-    // The platform API has its own in-flight limit, so that a flood of
-    // redemptions is refused early rather than queued behind the pool.
-    let platform_api =
-        routes::redemptions::router().route_layer(axum::middleware::from_fn_with_state(
-            serve::InFlight::new(gateway.limits.max_in_flight_platform, "platform API"),
-            serve::limit_in_flight,
-        ));
-    let mut router = Router::new()
-        .merge(routes::health::router())
-        .merge(routes::webhooks::router())
-        .merge(platform_api)
-        .merge(admin::router())
-        .merge(console::router(&state));
+    // The API's routes come with their OpenAPI operations (see `openapi`);
+    // the console's HTML pages are not part of the API.
+    let (api, _) = openapi::api().split_for_parts();
+    let mut router = Router::new().merge(api).merge(console::router(&state));
     if gateway.redeem_page {
         router = router.merge(routes::redeem_page::router());
     }
@@ -60,6 +53,16 @@ pub fn router(state: AppState) -> Router {
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             Duration::from_millis(timeouts.request_ms),
+        ))
+        // The platform API has an in-flight limit of its own, so that a
+        // flood of redemptions is refused early rather than queued.
+        .layer(axum::middleware::from_fn_with_state(
+            serve::InFlight::under(
+                "/v1/",
+                gateway.limits.max_in_flight_platform,
+                "platform API",
+            ),
+            serve::limit_in_flight,
         ))
         .layer(axum::middleware::from_fn_with_state(
             serve::InFlight::new(gateway.limits.max_in_flight, "gateway"),

@@ -90,6 +90,8 @@ pub async fn serve(
 pub struct InFlight {
     permits: Arc<Semaphore>,
     what: &'static str,
+    /// Only requests under this path count (`None`: all).
+    under: Option<&'static str>,
 }
 
 impl InFlight {
@@ -97,6 +99,15 @@ impl InFlight {
         Self {
             permits: Arc::new(Semaphore::new(limit.max(1))),
             what,
+            under: None,
+        }
+    }
+
+    /// A limit of its own for the requests under `prefix`.
+    pub fn under(prefix: &'static str, limit: usize, what: &'static str) -> Self {
+        Self {
+            under: Some(prefix),
+            ..Self::new(limit, what)
         }
     }
 }
@@ -106,6 +117,11 @@ pub async fn limit_in_flight(
     request: Request,
     next: Next,
 ) -> Result<Response, Infallible> {
+    if let Some(prefix) = limit.under
+        && !request.uri().path().starts_with(prefix)
+    {
+        return Ok(next.run(request).await);
+    }
     let Ok(_permit) = limit.permits.clone().try_acquire_owned() else {
         metrics::counter!("entitle_gateway_overloaded_total", "limit" => limit.what).increment(1);
         return Ok(ApiError::new(

@@ -20,7 +20,7 @@ use crate::{
 pub const MAX_QUANTITY: u32 = 10_000;
 
 /// Why a batch was made (`code_batch.kind`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BatchKind {
     CustomerService,

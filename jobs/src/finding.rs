@@ -93,9 +93,10 @@ impl Decision {
 }
 
 /// What deciding did.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct Decided {
     pub id: Uuid,
+    /// `resolved` or `ignored`.
     pub status: &'static str,
 }
 

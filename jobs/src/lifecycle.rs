@@ -20,7 +20,7 @@ use crate::{
 };
 
 /// The states a code can be in (the `activation_code.state` column).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CodeState {
     /// Usable: nobody holds it yet.

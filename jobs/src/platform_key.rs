@@ -51,7 +51,7 @@ impl Caller {
 }
 
 /// A key as listed (never the key itself).
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct KeyInfo {
     pub id: Uuid,
     pub name: String,

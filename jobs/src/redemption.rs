@@ -12,7 +12,7 @@ use crate::{
 };
 
 /// A code's assignment, as answered to the redeemer.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Redemption {
     /// The assignment's id.
     pub id: Uuid,
@@ -205,13 +205,13 @@ pub async fn redeem(
 
 /// What a code check answers: whether the code can be redeemed now, and
 /// what it is for. Never who holds it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct CodeCheck {
     /// Redeemable now: issued and not past its expiry.
     pub valid: bool,
     /// `issued`, `redeemed`, `revoked` or `expired` (an issued code past its
     /// expiry is `expired`, whether or not the sweep has reached it).
-    pub state: String,
+    pub state: CodeState,
     pub product_sku: String,
     pub product_name: String,
     pub expires_at: DateTime<Utc>,
@@ -231,8 +231,13 @@ pub async fn check(pool: &PgPool, keys: &CodeKeys, code: &Code) -> Result<CodeCh
     .await?
     .ok_or(RedeemError::NotFound)?;
     let state: String = row.get("state");
+    let state = CodeState::parse(&state).ok_or_else(|| {
+        RedeemError::Database(sqlx::Error::Protocol(format!(
+            "code in unknown state {state}"
+        )))
+    })?;
     Ok(CodeCheck {
-        valid: state == CodeState::Issued.as_str(),
+        valid: state == CodeState::Issued,
         state,
         product_sku: row.get("sku"),
         product_name: row.get("name"),

@@ -3,11 +3,10 @@
 //! exportable once as CSV. The rules are [`entitle_jobs::batch`]'s.
 
 use axum::{
-    Json, Router,
+    Json,
     extract::{Path, State},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
-    routing::{get, post},
 };
 use entitle_jobs::{
     batch::{self, NewBatch},
@@ -15,35 +14,61 @@ use entitle_jobs::{
     token::Role,
 };
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
-use super::{Answer, not_found, orders::CODE_JSON, require_reason};
+use super::{
+    Answer, IdempotencyKey, ReasonOnly, answer_as, not_found,
+    orders::CODE_JSON,
+    outcomes, require_reason,
+    views::{CodeSummary, Timestamp, conform},
+};
 use crate::{
     AppState,
     auth::Actor,
-    error::{ApiError, ApiJson},
+    error::{ApiError, ApiJson, ErrorBody},
 };
 
-#[derive(Debug, Deserialize, Serialize)]
+/// Codes to create outside checkout, and why.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateRequest {
+#[schema(examples(json!({ "product_sku": "KIT-BASIC", "quantity": 1, "kind": "customer_service", "reason": "replacement kit" })))]
+struct BatchRequest {
     product_sku: String,
+    /// 1 to 10,000.
     quantity: u32,
-    /// customer_service, partner_distribution, test_account or replacement.
+    /// `customer_service`, `partner_distribution` or `test_account`
+    /// (replacements are made by reissuing a code).
     kind: String,
     reason: String,
+    /// The account the codes are meant for (it does not assign them).
     account_id: Option<String>,
+    /// The order the codes make up for.
     order_id: Option<Uuid>,
     /// Email the codes to this address now.
     email: Option<String>,
 }
 
-async fn create(
+/// Create codes outside checkout.
+#[utoipa::path(
+    post, path = "/admin/v1/batches", tag = "batches",
+    params(IdempotencyKey),
+    request_body = BatchRequest,
+    security(("bearer" = ["operator"])),
+    extensions(("x-entitle-role" = json!("operator"))),
+    responses(
+        (status = 201, description = "Created; the codes are downloaded once from `export`", body = outcomes::BatchCreated),
+        (status = 404, description = "`not_found`: no such product or order", body = ErrorBody),
+        (status = 422, description = "`reason_required`, `invalid_request` (quantity, kind), `invalid_email`, `idempotency_key_reused`", body = ErrorBody),
+    ),
+)]
+async fn create_batch(
     actor: Actor,
     State(state): State<AppState>,
     headers: HeaderMap,
-    ApiJson(request): ApiJson<CreateRequest>,
+    ApiJson(request): ApiJson<BatchRequest>,
 ) -> Result<Answer, ApiError> {
     actor.require(Role::Operator)?;
     require_reason(&request.reason)?;
@@ -71,15 +96,48 @@ async fn create(
     )
     .await?;
     action
-        .finish((StatusCode::CREATED, Json(json!(created))))
+        .finish(answer_as::<outcomes::BatchCreated>(
+            StatusCode::CREATED,
+            created,
+        )?)
         .await
 }
 
-async fn show(
+/// A batch and its codes (masked).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct BatchView {
+    pub id: Uuid,
+    pub product_sku: String,
+    /// `customer_service`, `partner_distribution`, `test_account` or
+    /// `replacement`.
+    pub kind: String,
+    pub quantity: i32,
+    pub requested_by: String,
+    pub reason: String,
+    pub account_id: Option<String>,
+    pub order_id: Option<Uuid>,
+    /// When its codes were downloaded (they can be, once).
+    pub exported_at: Option<Timestamp>,
+    pub created_at: Timestamp,
+    pub codes: Vec<CodeSummary>,
+}
+
+/// A batch and its codes (masked).
+#[utoipa::path(
+    get, path = "/admin/v1/batches/{id}", tag = "batches",
+    params(("id" = Uuid, Path, description = "The batch's id")),
+    security(("bearer" = ["support"])),
+    extensions(("x-entitle-role" = json!("support"))),
+    responses(
+        (status = 200, description = "The batch", body = BatchView),
+        (status = 404, description = "`not_found`: no such batch", body = ErrorBody),
+    ),
+)]
+async fn show_batch(
     actor: Actor,
     State(state): State<AppState>,
     Path(id): Path<Uuid>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<BatchView>, ApiError> {
     actor.require(Role::Support)?;
     let sql = format!(
         "SELECT json_build_object('id', b.id, 'product_sku', p.sku, 'kind', b.kind, 'quantity', b.quantity,
@@ -93,22 +151,35 @@ async fn show(
         .bind(id)
         .fetch_optional(&state.ctx.pool)
         .await?;
-    view.map(Json).ok_or_else(|| not_found("batch"))
+    let view = view.ok_or_else(|| not_found("batch"))?;
+    Ok(Json(conform("the batch view", view)?))
 }
 
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-struct ExportRequest {
-    reason: String,
-}
-
-/// The batch's codes as CSV, once (see [`batch::export`]).
-async fn export(
+/// The batch's codes as CSV, once.
+///
+/// The only answer that shows whole codes: `code,product,state,valid_until`,
+/// a line each.
+/// The same request again with its `Idempotency-Key` gets the file again;
+/// any other is refused (see `entitle_jobs::batch::export`).
+#[utoipa::path(
+    post, path = "/admin/v1/batches/{id}/export", tag = "batches",
+    params(("id" = Uuid, Path, description = "The batch's id"), IdempotencyKey),
+    request_body = ReasonOnly,
+    security(("bearer" = ["operator"])),
+    extensions(("x-entitle-role" = json!("operator"))),
+    responses(
+        (status = 200, description = "The codes, as a CSV download", content_type = "text/csv", body = String),
+        (status = 404, description = "`not_found`: no such batch", body = ErrorBody),
+        (status = 409, description = "`batch_already_exported`", body = ErrorBody),
+        (status = 422, description = "`reason_required`", body = ErrorBody),
+    ),
+)]
+async fn export_batch(
     actor: Actor,
     State(state): State<AppState>,
     Path(id): Path<Uuid>,
     headers: HeaderMap,
-    ApiJson(request): ApiJson<ExportRequest>,
+    ApiJson(request): ApiJson<ReasonOnly>,
 ) -> Result<Response, ApiError> {
     actor.require(Role::Operator)?;
     require_reason(&request.reason)?;
@@ -140,9 +211,9 @@ pub fn csv_attachment(filename: &str, csv: impl Into<axum::body::Body>) -> Respo
         .into_response()
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/admin/v1/batches", post(create))
-        .route("/admin/v1/batches/{id}", get(show))
-        .route("/admin/v1/batches/{id}/export", post(export))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_batch))
+        .routes(routes!(show_batch))
+        .routes(routes!(export_batch))
 }

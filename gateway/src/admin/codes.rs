@@ -4,25 +4,132 @@
 //! inside an idempotent action, and answer.
 
 use axum::{
-    Json, Router,
+    Json,
     extract::{Path, State},
     http::{HeaderMap, StatusCode},
-    routing::{get, post},
 };
 use entitle_jobs::{code::Code, lifecycle, token::Role};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::{
-    Answer, not_found,
+    Answer, IdempotencyKey, ReasonOnly, answer_as, not_found,
     orders::{CODE_JSON, DELIVERY_JSON, EVENT_JSON, ExpiryRequest},
+    outcomes::{self, CodeState},
+    views::{AuditEntry, DeliverySummary, Holding, Timestamp, conform},
 };
 use crate::{
     AppState,
     auth::Actor,
-    error::{ApiError, ApiJson},
+    error::{ApiError, ApiJson, ErrorBody},
 };
+
+/// Everything support needs to know about one code: its product, origin,
+/// holders past and present, reissue chain, deliveries, refused
+/// redemptions and history. Never the code, only its last four symbols.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CodeView {
+    pub id: Uuid,
+    pub last4: String,
+    /// `••••-••••-••••-` and the last four symbols.
+    pub masked: String,
+    pub product_sku: String,
+    pub state: CodeState,
+    /// The unit of its order line; null for a batch's code.
+    pub unit_index: Option<i32>,
+    pub issued_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub redeemed_at: Option<Timestamp>,
+    pub revoked_at: Option<Timestamp>,
+    pub expired_at: Option<Timestamp>,
+    /// The code this one replaced.
+    pub replaces: Option<Uuid>,
+    /// The code that replaced this one.
+    pub replaced_by: Option<Uuid>,
+    /// Who holds it now; null unless redeemed.
+    pub assignment: Option<Holding>,
+    pub product: ProductName,
+    pub origin: Origin,
+    /// Every holder it had, the current one last.
+    pub assignments: Vec<PastHolding>,
+    /// The codes it replaced and that replaced it, oldest first, itself
+    /// included.
+    pub reissue_chain: Vec<ChainLink>,
+    pub deliveries: Vec<DeliverySummary>,
+    /// Redemptions refused for it, latest first.
+    pub refusals: Vec<Refusal>,
+    /// Audit events about the code and its batch, oldest first.
+    pub history: Vec<AuditEntry>,
+}
+
+/// A product's SKU and name.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ProductName {
+    pub sku: String,
+    pub name: String,
+}
+
+/// Where a code came from: a unit of an order line, or a batch.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Origin {
+    /// Issued for a unit of a paid order.
+    OrderLine {
+        order_id: Uuid,
+        channel: String,
+        channel_order_id: String,
+        line_index: i32,
+        unit_index: i32,
+    },
+    /// Created outside checkout.
+    Batch {
+        batch_id: Uuid,
+        /// `customer_service`, `partner_distribution`, `test_account` or
+        /// `replacement`.
+        kind: String,
+        reason: String,
+        requested_by: String,
+        order_id: Option<Uuid>,
+        account_id: Option<String>,
+    },
+    /// Neither (nothing in Entitle makes one; reconciliation reports it).
+    None,
+}
+
+/// A holder a code had.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PastHolding {
+    pub account_id: String,
+    pub entity_ref: String,
+    pub assigned_at: Timestamp,
+    pub assigned_by: String,
+    /// Null for the current holder.
+    pub ended_at: Option<Timestamp>,
+    /// `reassigned`, `unassigned`, `revoked`, ...
+    pub ended_reason: Option<String>,
+}
+
+/// A code in a reissue chain.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ChainLink {
+    pub id: Uuid,
+    pub last4: String,
+    pub state: CodeState,
+}
+
+/// A redemption refused for a code.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Refusal {
+    pub refused_at: Timestamp,
+    /// The error code the redeemer got: `code_expired`, `code_revoked`,
+    /// `code_already_redeemed`.
+    pub reason: String,
+    pub account_id: Option<String>,
+    pub entity_ref: Option<String>,
+}
 
 /// Everything support needs to know about one code.
 pub async fn code_view(pool: &sqlx::PgPool, id: Uuid) -> Result<Option<Value>, sqlx::Error> {
@@ -79,30 +186,57 @@ pub async fn code_view(pool: &sqlx::PgPool, id: Uuid) -> Result<Option<Value>, s
         .await
 }
 
-async fn show(
+/// A code: product, state, origin, expiry, assignment, reissue chain, deliveries, history.
+#[utoipa::path(
+    get, path = "/admin/v1/codes/{id}", tag = "codes",
+    params(("id" = Uuid, Path, description = "The code's id (not the code)")),
+    security(("bearer" = ["support"])),
+    extensions(("x-entitle-role" = json!("support"))),
+    responses(
+        (status = 200, description = "The code's whole story", body = CodeView),
+        (status = 404, description = "`not_found`: no such code", body = ErrorBody),
+    ),
+)]
+async fn show_code(
     actor: Actor,
     State(state): State<AppState>,
     Path(id): Path<Uuid>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CodeView>, ApiError> {
     actor.require(Role::Support)?;
-    code_view(&state.ctx.pool, id)
+    let view = code_view(&state.ctx.pool, id)
         .await?
-        .map(Json)
-        .ok_or_else(|| not_found("code"))
+        .ok_or_else(|| not_found("code"))?;
+    Ok(Json(conform("the code view", view)?))
 }
 
-#[derive(Debug, Deserialize)]
+/// A code as a customer typed it.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Lookup {
+#[schema(examples(json!({ "code": "0000-0000-0000-0000" })))]
+struct CodeLookup {
+    /// Any case, with or without spaces and dashes.
     code: String,
 }
 
+/// The same, for a code as a customer typed it.
+///
 /// By POST so a full code never lands in a URL or an access log.
-async fn lookup(
+#[utoipa::path(
+    post, path = "/admin/v1/codes/lookup", tag = "codes",
+    request_body = CodeLookup,
+    security(("bearer" = ["support"])),
+    extensions(("x-entitle-role" = json!("support"))),
+    responses(
+        (status = 200, description = "The code's whole story", body = CodeView),
+        (status = 404, description = "`not_found`: no code matches", body = ErrorBody),
+        (status = 422, description = "`code_malformed`: not a code (its check symbol is wrong)", body = ErrorBody),
+    ),
+)]
+async fn look_up_code(
     actor: Actor,
     State(state): State<AppState>,
-    ApiJson(request): ApiJson<Lookup>,
-) -> Result<Json<Value>, ApiError> {
+    ApiJson(request): ApiJson<CodeLookup>,
+) -> Result<Json<CodeView>, ApiError> {
     actor.require(Role::Support)?;
     let code = Code::parse(&request.code).map_err(|e| {
         ApiError::new(
@@ -117,26 +251,38 @@ async fn lookup(
             .fetch_optional(&state.ctx.pool)
             .await?;
     let id = id.ok_or_else(|| not_found("code"))?;
-    code_view(&state.ctx.pool, id)
+    let view = code_view(&state.ctx.pool, id)
         .await?
-        .map(Json)
-        .ok_or_else(|| not_found("code"))
+        .ok_or_else(|| not_found("code"))?;
+    Ok(Json(conform("the code view", view)?))
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+/// Revoke a code, and why.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({ "reason": "fraud", "include_redeemed": false })))]
 struct RevokeRequest {
     reason: String,
+    /// Revoke it even if redeemed: its holder loses it.
     #[serde(default)]
     include_redeemed: bool,
 }
 
-/// An action's outcome as its answer.
-fn answer(status: StatusCode, outcome: impl Serialize) -> Answer {
-    (status, Json(json!(outcome)))
-}
-
-async fn revoke(
+/// Revoke a code (a redeemed one only with include_redeemed).
+#[utoipa::path(
+    post, path = "/admin/v1/codes/{id}/revoke", tag = "codes",
+    params(("id" = Uuid, Path, description = "The code's id"), IdempotencyKey),
+    request_body = RevokeRequest,
+    security(("bearer" = ["operator"])),
+    extensions(("x-entitle-role" = json!("operator"))),
+    responses(
+        (status = 200, description = "Revoked", body = outcomes::Revoked),
+        (status = 404, description = "`not_found`: no such code", body = ErrorBody),
+        (status = 409, description = "`code_already_revoked`, `code_already_redeemed` (without include_redeemed), `code_expired`", body = ErrorBody),
+        (status = 422, description = "`reason_required`, `idempotency_key_reused`", body = ErrorBody),
+    ),
+)]
+async fn revoke_code(
     actor: Actor,
     State(state): State<AppState>,
     Path(id): Path<Uuid>,
@@ -149,11 +295,15 @@ async fn revoke(
         crate::begin_action!(&state, &actor, &headers, &request.reason, &path, &request);
     let who = action.who();
     let revoked = lifecycle::revoke(&mut action.tx, who, id, request.include_redeemed).await?;
-    action.finish(answer(StatusCode::OK, revoked)).await
+    action
+        .finish(answer_as::<outcomes::Revoked>(StatusCode::OK, revoked)?)
+        .await
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+/// Reissue a code, and why.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({ "reason": "lost", "email": "new@example.com" })))]
 struct ReissueRequest {
     reason: String,
     /// A corrected address; by default the order's recipient.
@@ -163,7 +313,21 @@ struct ReissueRequest {
     force: bool,
 }
 
-async fn reissue(
+/// Revoke a code and email a replacement linked to it.
+#[utoipa::path(
+    post, path = "/admin/v1/codes/{id}/reissue", tag = "codes",
+    params(("id" = Uuid, Path, description = "The code's id"), IdempotencyKey),
+    request_body = ReissueRequest,
+    security(("bearer" = ["operator"])),
+    extensions(("x-entitle-role" = json!("operator"))),
+    responses(
+        (status = 201, description = "Replaced; the replacement is on its way", body = outcomes::Reissued),
+        (status = 404, description = "`not_found`: no such code", body = ErrorBody),
+        (status = 409, description = "`code_already_replaced` or `code_revoked_by_refund` (without force), `code_already_redeemed`, `code_already_revoked`, `code_expired`", body = ErrorBody),
+        (status = 422, description = "`reason_required`, `email_required` (a code of no order), `invalid_email`, `idempotency_key_reused`", body = ErrorBody),
+    ),
+)]
+async fn reissue_code(
     actor: Actor,
     State(state): State<AppState>,
     Path(id): Path<Uuid>,
@@ -184,18 +348,39 @@ async fn reissue(
         request.force,
     )
     .await?;
-    action.finish(answer(StatusCode::CREATED, reissued)).await
+    action
+        .finish(answer_as::<outcomes::Reissued>(
+            StatusCode::CREATED,
+            reissued,
+        )?)
+        .await
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+/// Move a redeemed code, and why.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({ "reason": "wrong profile", "account_id": "acct_2", "entity_ref": "child_1" })))]
 struct ReassignRequest {
     reason: String,
     account_id: String,
     entity_ref: String,
 }
 
-async fn reassign(
+/// Move a redeemed code to another account or entity.
+#[utoipa::path(
+    post, path = "/admin/v1/codes/{id}/reassign", tag = "codes",
+    params(("id" = Uuid, Path, description = "The code's id"), IdempotencyKey),
+    request_body = ReassignRequest,
+    security(("bearer" = ["operator"])),
+    extensions(("x-entitle-role" = json!("operator"))),
+    responses(
+        (status = 200, description = "Reassigned", body = outcomes::Reassigned),
+        (status = 404, description = "`not_found`: no such code", body = ErrorBody),
+        (status = 409, description = "`code_not_redeemed`, `code_already_revoked`, `code_expired`: only a redeemed code moves", body = ErrorBody),
+        (status = 422, description = "`reason_required`, `invalid_request`, `idempotency_key_reused`", body = ErrorBody),
+    ),
+)]
+async fn reassign_code(
     actor: Actor,
     State(state): State<AppState>,
     Path(id): Path<Uuid>,
@@ -212,16 +397,29 @@ async fn reassign(
         entity_ref: request.entity_ref.clone(),
     };
     let reassigned = lifecycle::reassign(&mut action.tx, who, id, to).await?;
-    action.finish(answer(StatusCode::OK, reassigned)).await
+    action
+        .finish(answer_as::<outcomes::Reassigned>(
+            StatusCode::OK,
+            reassigned,
+        )?)
+        .await
 }
 
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-struct ReasonOnly {
-    reason: String,
-}
-
-async fn unassign(
+/// Return a redeemed code to issued.
+#[utoipa::path(
+    post, path = "/admin/v1/codes/{id}/unassign", tag = "codes",
+    params(("id" = Uuid, Path, description = "The code's id"), IdempotencyKey),
+    request_body = ReasonOnly,
+    security(("bearer" = ["operator"])),
+    extensions(("x-entitle-role" = json!("operator"))),
+    responses(
+        (status = 200, description = "Issued again: anyone holding it can redeem it", body = outcomes::Unassigned),
+        (status = 404, description = "`not_found`: no such code", body = ErrorBody),
+        (status = 409, description = "`code_not_redeemed`, `code_already_revoked`, `code_expired`: only a redeemed code is unassigned", body = ErrorBody),
+        (status = 422, description = "`reason_required`, `idempotency_key_reused`", body = ErrorBody),
+    ),
+)]
+async fn unassign_code(
     actor: Actor,
     State(state): State<AppState>,
     Path(id): Path<Uuid>,
@@ -234,10 +432,29 @@ async fn unassign(
         crate::begin_action!(&state, &actor, &headers, &request.reason, &path, &request);
     let who = action.who();
     let unassigned = lifecycle::unassign(&mut action.tx, who, id).await?;
-    action.finish(answer(StatusCode::OK, unassigned)).await
+    action
+        .finish(answer_as::<outcomes::Unassigned>(
+            StatusCode::OK,
+            unassigned,
+        )?)
+        .await
 }
 
-async fn expiry(
+/// Change a code's expiry.
+#[utoipa::path(
+    post, path = "/admin/v1/codes/{id}/expiry", tag = "codes",
+    params(("id" = Uuid, Path, description = "The code's id"), IdempotencyKey),
+    request_body = ExpiryRequest,
+    security(("bearer" = ["operator"])),
+    extensions(("x-entitle-role" = json!("operator"))),
+    responses(
+        (status = 200, description = "Moved to the new expiry", body = outcomes::ExpiryChanged),
+        (status = 404, description = "`not_found`: no such code", body = ErrorBody),
+        (status = 409, description = "`code_already_revoked` (a revoked code keeps its expiry), `code_already_replaced` (change its replacement's)", body = ErrorBody),
+        (status = 422, description = "`reason_required`, `idempotency_key_reused`", body = ErrorBody),
+    ),
+)]
+async fn change_code_expiry(
     actor: Actor,
     State(state): State<AppState>,
     Path(id): Path<Uuid>,
@@ -250,16 +467,21 @@ async fn expiry(
         crate::begin_action!(&state, &actor, &headers, &request.reason, &path, &request);
     let who = action.who();
     let changed = lifecycle::change_expiry(&mut action.tx, who, id, request.expires_at).await?;
-    action.finish(answer(StatusCode::OK, changed)).await
+    action
+        .finish(answer_as::<outcomes::ExpiryChanged>(
+            StatusCode::OK,
+            changed,
+        )?)
+        .await
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/admin/v1/codes/{id}", get(show))
-        .route("/admin/v1/codes/lookup", post(lookup))
-        .route("/admin/v1/codes/{id}/revoke", post(revoke))
-        .route("/admin/v1/codes/{id}/reissue", post(reissue))
-        .route("/admin/v1/codes/{id}/reassign", post(reassign))
-        .route("/admin/v1/codes/{id}/unassign", post(unassign))
-        .route("/admin/v1/codes/{id}/expiry", post(expiry))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(show_code))
+        .routes(routes!(look_up_code))
+        .routes(routes!(revoke_code))
+        .routes(routes!(reissue_code))
+        .routes(routes!(reassign_code))
+        .routes(routes!(unassign_code))
+        .routes(routes!(change_code_expiry))
 }

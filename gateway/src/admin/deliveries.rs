@@ -3,31 +3,47 @@
 //! address, as replacements (see [`entitle_jobs::lifecycle::resend`]).
 
 use axum::{
-    Json, Router,
     extract::{Path, State},
     http::{HeaderMap, StatusCode},
-    routing::post,
 };
 use entitle_jobs::{lifecycle, token::Role};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
-use super::Answer;
+use super::{Answer, IdempotencyKey, answer_as, outcomes};
 use crate::{
     AppState,
     auth::Actor,
-    error::{ApiError, ApiJson},
+    error::{ApiError, ApiJson, ErrorBody},
 };
 
-#[derive(Debug, Deserialize, Serialize)]
+/// Send a delivery again, and why.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({ "reason": "typo", "email": "right@example.com" })))]
 struct ResendRequest {
     reason: String,
+    /// A corrected address; the codes go there as replacements.
     email: Option<String>,
 }
 
-async fn resend(
+/// Send a delivery's codes again, optionally to a corrected address.
+#[utoipa::path(
+    post, path = "/admin/v1/deliveries/{id}/resend", tag = "deliveries",
+    params(("id" = Uuid, Path, description = "The delivery's id"), IdempotencyKey),
+    request_body = ResendRequest,
+    security(("bearer" = ["support"])),
+    extensions(("x-entitle-role" = json!("support"))),
+    responses(
+        (status = 201, description = "A new delivery is on its way", body = outcomes::Resent),
+        (status = 404, description = "`not_found`: no such delivery", body = ErrorBody),
+        (status = 409, description = "`delivery_scheduled` (a gift not sent yet), `nothing_to_resend`", body = ErrorBody),
+        (status = 422, description = "`reason_required`, `invalid_email`, `idempotency_key_reused`", body = ErrorBody),
+    ),
+)]
+async fn resend_delivery(
     actor: Actor,
     State(state): State<AppState>,
     Path(id): Path<Uuid>,
@@ -48,10 +64,10 @@ async fn resend(
     )
     .await?;
     action
-        .finish((StatusCode::CREATED, Json(json!(resent))))
+        .finish(answer_as::<outcomes::Resent>(StatusCode::CREATED, resent)?)
         .await
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/admin/v1/deliveries/{id}/resend", post(resend))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(resend_delivery))
 }

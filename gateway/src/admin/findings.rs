@@ -1,39 +1,84 @@
 //! Findings for operations: list them, and resolve or ignore one with a reason.
 
 use axum::{
-    Json, Router,
+    Json,
     body::Body,
     extract::{Path, Query, State},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
-    routing::{get, post},
 };
 use entitle_jobs::{finding, token::Role};
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
-use super::Answer;
+use super::{
+    Answer, IdempotencyKey, ReasonOnly, answer,
+    views::{Timestamp, conform},
+};
 use crate::{
     AppState,
     auth::Actor,
-    error::{ApiError, ApiJson},
+    error::{ApiError, ApiJson, ErrorBody},
 };
 
 /// Which findings: by status, kind and run (each optional).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct Filter {
+    /// `open`, `resolved` or `ignored`.
     pub status: Option<String>,
+    /// e.g. `paid_not_fulfilled`, `refunded_codes_active`, `delivery_failed`.
     pub kind: Option<String>,
+    /// The reconciliation run that found them.
     pub run: Option<Uuid>,
 }
 
-async fn list(
+/// Findings, newest first (at most 1000; the CSV export has all).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct FindingList {
+    pub findings: Vec<Finding>,
+}
+
+/// A mismatch a reconciliation run found, and what became of it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Finding {
+    pub id: Uuid,
+    /// Null for findings made outside a run (a failed delivery or event).
+    pub run_id: Option<Uuid>,
+    pub kind: String,
+    /// `open`, `resolved` or `ignored`.
+    pub status: String,
+    pub order_id: Option<Uuid>,
+    pub code_id: Option<Uuid>,
+    pub channel: Option<String>,
+    /// The channel's id of what differs (an order, a refund).
+    pub channel_reference: Option<String>,
+    pub detail: String,
+    /// What the run did about it, if anything.
+    pub action_taken: Option<String>,
+    pub created_at: Timestamp,
+    pub resolved_at: Option<Timestamp>,
+    pub resolved_by: Option<String>,
+    pub resolution_reason: Option<String>,
+}
+
+/// Findings for operations, filtered by kind, status or run.
+#[utoipa::path(
+    get, path = "/admin/v1/findings", tag = "findings",
+    params(Filter),
+    security(("bearer" = ["support"])),
+    extensions(("x-entitle-role" = json!("support"))),
+    responses((status = 200, description = "The findings, newest first", body = FindingList)),
+)]
+async fn list_findings(
     actor: Actor,
     State(state): State<AppState>,
     Query(f): Query<Filter>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<FindingList>, ApiError> {
     actor.require(Role::Support)?;
     let findings: Value = sqlx::query_scalar(
         "SELECT coalesce(json_agg(json_build_object('id', f.id, 'run_id', f.run_id, 'kind', f.kind,
@@ -52,13 +97,9 @@ async fn list(
     .bind(f.run)
     .fetch_one(&state.ctx.pool)
     .await?;
-    Ok(Json(json!({ "findings": findings })))
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-struct Decision {
-    reason: String,
+    Ok(Json(FindingList {
+        findings: conform("the finding list", findings)?,
+    }))
 }
 
 async fn decide(
@@ -66,7 +107,7 @@ async fn decide(
     state: AppState,
     id: Uuid,
     headers: HeaderMap,
-    request: Decision,
+    request: ReasonOnly,
     decision: finding::Decision,
 ) -> Result<Answer, ApiError> {
     actor.require(Role::Operator)?;
@@ -79,15 +120,29 @@ async fn decide(
         crate::begin_action!(&state, &actor, &headers, &request.reason, &path, &request);
     let who = action.who();
     let decided = finding::decide(&mut action.tx, who, id, decision).await?;
-    action.finish((StatusCode::OK, Json(json!(decided)))).await
+    action.finish(answer(StatusCode::OK, decided)?).await
 }
 
-async fn resolve(
+/// Mark a finding resolved.
+#[utoipa::path(
+    post, path = "/admin/v1/findings/{id}/resolve", tag = "findings",
+    params(("id" = Uuid, Path, description = "The finding's id"), IdempotencyKey),
+    request_body = ReasonOnly,
+    security(("bearer" = ["operator"])),
+    extensions(("x-entitle-role" = json!("operator"))),
+    responses(
+        (status = 200, description = "Resolved", body = finding::Decided),
+        (status = 404, description = "`not_found`: no such finding", body = ErrorBody),
+        (status = 409, description = "`finding_closed`: already resolved or ignored", body = ErrorBody),
+        (status = 422, description = "`reason_required`, `idempotency_key_reused`", body = ErrorBody),
+    ),
+)]
+async fn resolve_finding(
     actor: Actor,
     State(state): State<AppState>,
     Path(id): Path<Uuid>,
     headers: HeaderMap,
-    ApiJson(request): ApiJson<Decision>,
+    ApiJson(request): ApiJson<ReasonOnly>,
 ) -> Result<Answer, ApiError> {
     decide(
         actor,
@@ -100,12 +155,26 @@ async fn resolve(
     .await
 }
 
-async fn ignore(
+/// Mark a finding ignored.
+#[utoipa::path(
+    post, path = "/admin/v1/findings/{id}/ignore", tag = "findings",
+    params(("id" = Uuid, Path, description = "The finding's id"), IdempotencyKey),
+    request_body = ReasonOnly,
+    security(("bearer" = ["operator"])),
+    extensions(("x-entitle-role" = json!("operator"))),
+    responses(
+        (status = 200, description = "Ignored", body = finding::Decided),
+        (status = 404, description = "`not_found`: no such finding", body = ErrorBody),
+        (status = 409, description = "`finding_closed`: already resolved or ignored", body = ErrorBody),
+        (status = 422, description = "`reason_required`, `idempotency_key_reused`", body = ErrorBody),
+    ),
+)]
+async fn ignore_finding(
     actor: Actor,
     State(state): State<AppState>,
     Path(id): Path<Uuid>,
     headers: HeaderMap,
-    ApiJson(request): ApiJson<Decision>,
+    ApiJson(request): ApiJson<ReasonOnly>,
 ) -> Result<Answer, ApiError> {
     decide(
         actor,
@@ -118,7 +187,17 @@ async fn ignore(
     .await
 }
 
-async fn export(
+/// Findings as CSV (same filters), all of them, streamed.
+#[utoipa::path(
+    get, path = "/admin/v1/findings/export", tag = "findings",
+    params(Filter),
+    security(("bearer" = ["support"])),
+    extensions(("x-entitle-role" = json!("support"))),
+    responses(
+        (status = 200, description = "Every matching finding, oldest first, as a CSV download with the list's columns", content_type = "text/csv", body = String),
+    ),
+)]
+async fn export_findings(
     actor: Actor,
     State(state): State<AppState>,
     Query(f): Query<Filter>,
@@ -249,10 +328,10 @@ fn csv_line(fields: &[&str]) -> Vec<u8> {
     writer.into_inner().unwrap_or_default()
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/admin/v1/findings", get(list))
-        .route("/admin/v1/findings/export", get(export))
-        .route("/admin/v1/findings/{id}/resolve", post(resolve))
-        .route("/admin/v1/findings/{id}/ignore", post(ignore))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_findings))
+        .routes(routes!(export_findings))
+        .routes(routes!(resolve_finding))
+        .routes(routes!(ignore_finding))
 }

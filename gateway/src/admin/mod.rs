@@ -1,7 +1,8 @@
 //! The admin API under `/admin/v1`: look-ups for support, actions for
 //! operations, each action audited once and safe to retry with an
-//! `Idempotency-Key`. [`ROUTES`] describes every route: it drives the OpenAPI
-//! document and the role-matrix test.
+//! `Idempotency-Key`. Every handler carries its OpenAPI operation
+//! (`#[utoipa::path]`, with the role it enforces) and is registered with
+//! `routes!`, so what the router serves and what the document says are one.
 
 pub mod audit_log;
 pub mod batches;
@@ -9,268 +10,31 @@ pub mod codes;
 pub mod deliveries;
 pub mod events;
 pub mod findings;
-pub mod openapi;
 pub mod orders;
+pub mod outcomes;
 pub mod platform_keys;
 pub mod reconciliations;
 pub mod tokens;
+pub mod views;
 
 use axum::{
-    Json, Router,
+    Json,
     http::{HeaderMap, StatusCode},
 };
-use entitle_jobs::token::Role;
-use serde::Serialize;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::{AppState, auth::Actor, error::ApiError};
 
-/// One admin route, as documented and tested.
-#[derive(Debug, Clone, Copy)]
-pub struct RouteDoc {
-    pub method: &'static str,
-    /// OpenAPI and axum style: `/admin/v1/codes/{id}`.
-    pub path: &'static str,
-    pub role: Role,
-    pub summary: &'static str,
-    /// An example body (JSON), for actions.
-    pub example: Option<&'static str>,
-}
-
-const fn route(
-    method: &'static str,
-    path: &'static str,
-    role: Role,
-    summary: &'static str,
-    example: Option<&'static str>,
-) -> RouteDoc {
-    RouteDoc {
-        method,
-        path,
-        role,
-        summary,
-        example,
-    }
-}
-
-use Role::{Admin, Operator, Support};
-
-/// Every admin route.
-pub const ROUTES: &[RouteDoc] = &[
-    route(
-        "GET",
-        "/admin/v1/orders",
-        Support,
-        "Find orders by channel and channel order id, buyer email or account",
-        None,
-    ),
-    route(
-        "GET",
-        "/admin/v1/orders/{id}",
-        Support,
-        "An order with its lines, codes (masked), deliveries and timeline",
-        None,
-    ),
-    route(
-        "POST",
-        "/admin/v1/orders/{id}/expiry",
-        Operator,
-        "Change the expiry of every code of an order",
-        Some(r#"{"expires_at":"2031-01-01T00:00:00Z","reason":"goodwill"}"#),
-    ),
-    route(
-        "GET",
-        "/admin/v1/accounts/{account_id}",
-        Support,
-        "Orders linked to an account and codes assigned to it",
-        None,
-    ),
-    route(
-        "GET",
-        "/admin/v1/codes/{id}",
-        Support,
-        "A code: product, state, origin, expiry, assignment, reissue chain, deliveries, history",
-        None,
-    ),
-    route(
-        "POST",
-        "/admin/v1/codes/lookup",
-        Support,
-        "The same, for a code as a customer typed it",
-        Some(r#"{"code":"0000-0000-0000-0000"}"#),
-    ),
-    route(
-        "POST",
-        "/admin/v1/codes/{id}/revoke",
-        Operator,
-        "Revoke a code (a redeemed one only with include_redeemed)",
-        Some(r#"{"reason":"fraud","include_redeemed":false}"#),
-    ),
-    route(
-        "POST",
-        "/admin/v1/codes/{id}/reissue",
-        Operator,
-        "Revoke a code and email a replacement linked to it",
-        Some(r#"{"reason":"lost","email":"new@example.com"}"#),
-    ),
-    route(
-        "POST",
-        "/admin/v1/codes/{id}/reassign",
-        Operator,
-        "Move a redeemed code to another account or entity",
-        Some(r#"{"reason":"wrong profile","account_id":"acct_2","entity_ref":"child_1"}"#),
-    ),
-    route(
-        "POST",
-        "/admin/v1/codes/{id}/unassign",
-        Operator,
-        "Return a redeemed code to issued",
-        Some(r#"{"reason":"redeemed by mistake"}"#),
-    ),
-    route(
-        "POST",
-        "/admin/v1/codes/{id}/expiry",
-        Operator,
-        "Change a code's expiry",
-        Some(r#"{"expires_at":"2031-01-01T00:00:00Z","reason":"goodwill"}"#),
-    ),
-    route(
-        "POST",
-        "/admin/v1/batches",
-        Operator,
-        "Create codes outside checkout",
-        Some(
-            r#"{"product_sku":"KIT-BASIC","quantity":1,"kind":"customer_service","reason":"replacement kit"}"#,
-        ),
-    ),
-    route(
-        "GET",
-        "/admin/v1/batches/{id}",
-        Support,
-        "A batch and its codes (masked)",
-        None,
-    ),
-    route(
-        "POST",
-        "/admin/v1/batches/{id}/export",
-        Operator,
-        "The batch's codes as CSV, once",
-        Some(r#"{"reason":"for partner"}"#),
-    ),
-    route(
-        "POST",
-        "/admin/v1/deliveries/{id}/resend",
-        Support,
-        "Send a delivery's codes again, optionally to a corrected address",
-        Some(r#"{"reason":"typo","email":"right@example.com"}"#),
-    ),
-    route(
-        "POST",
-        "/admin/v1/events/retry",
-        Operator,
-        "Queue failed webhook events again",
-        Some(r#"{"reason":"catalogue fixed","error_code":"unknown_product"}"#),
-    ),
-    route(
-        "GET",
-        "/admin/v1/audit",
-        Support,
-        "The audit log, filtered by subject, actor, action and time; paginated",
-        None,
-    ),
-    route(
-        "GET",
-        "/admin/v1/findings",
-        Support,
-        "Findings for operations, filtered by kind, status or run",
-        None,
-    ),
-    route(
-        "GET",
-        "/admin/v1/findings/export",
-        Support,
-        "Findings as CSV (same filters), all of them, streamed",
-        None,
-    ),
-    route(
-        "POST",
-        "/admin/v1/reconciliations",
-        Operator,
-        "Start a reconciliation run for a channel and window (default: the scheduled window)",
-        Some(
-            r#"{"channel":"stripe","from":"2026-11-01T00:00:00Z","to":"2026-11-02T00:00:00Z","reason":"webhook outage"}"#,
-        ),
-    ),
-    route(
-        "GET",
-        "/admin/v1/reconciliations",
-        Support,
-        "Reconciliation runs, newest first, with duration, counts and peak memory",
-        None,
-    ),
-    route(
-        "GET",
-        "/admin/v1/reconciliations/{id}",
-        Support,
-        "A reconciliation run and its findings by kind and status",
-        None,
-    ),
-    route(
-        "POST",
-        "/admin/v1/findings/{id}/resolve",
-        Operator,
-        "Mark a finding resolved",
-        Some(r#"{"reason":"customer refunded by hand"}"#),
-    ),
-    route(
-        "POST",
-        "/admin/v1/findings/{id}/ignore",
-        Operator,
-        "Mark a finding ignored",
-        Some(r#"{"reason":"test order"}"#),
-    ),
-    route(
-        "GET",
-        "/admin/v1/tokens",
-        Admin,
-        "API tokens (names, roles, last use)",
-        None,
-    ),
-    route(
-        "POST",
-        "/admin/v1/tokens",
-        Admin,
-        "Create a token; it is shown once",
-        Some(r#"{"name":"alice","role":"support","reason":"new support agent"}"#),
-    ),
-    route(
-        "POST",
-        "/admin/v1/tokens/{name}/revoke",
-        Admin,
-        "Revoke a token",
-        Some(r#"{"reason":"left the team"}"#),
-    ),
-    route(
-        "GET",
-        "/admin/v1/products",
-        Support,
-        "Products and their channel references",
-        None,
-    ),
-    route(
-        "POST",
-        "/admin/v1/products/reload",
-        Admin,
-        "Reload the catalogue file into the database",
-        Some(r#"{"reason":"new price"}"#),
-    ),
-];
-
-/// The admin router.
-pub fn router() -> Router<AppState> {
-    Router::new()
+/// The admin router, with its part of the OpenAPI document: each module
+/// registers its handlers with `routes!`, which documents them in the same
+/// call (see [`crate::openapi`]).
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
         .merge(orders::router())
         .merge(codes::router())
         .merge(batches::router())
@@ -281,7 +45,49 @@ pub fn router() -> Router<AppState> {
         .merge(reconciliations::router())
         .merge(tokens::router())
         .merge(platform_keys::router())
-        .merge(openapi::router())
+}
+
+/// The body of an action that needs nothing but its reason.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(examples(json!({ "reason": "asked by the customer in ticket 4711" })))]
+pub struct ReasonOnly {
+    /// Why; it goes into the audit event (1 to 1000 characters).
+    pub reason: String,
+}
+
+/// The `Idempotency-Key` header every action but token creation takes.
+#[derive(Debug, IntoParams)]
+#[into_params(names("Idempotency-Key"), parameter_in = Header)]
+pub struct IdempotencyKey(
+    /// Retrying with the same key (1 to 200 visible characters) does
+    /// nothing twice and answers the same; the key with another body is
+    /// refused (`idempotency_key_reused`).
+    #[allow(dead_code)]
+    #[param(value_type = String, required = false)]
+    Option<String>,
+);
+
+/// An action's outcome as its answer.
+pub fn answer(status: StatusCode, outcome: impl Serialize) -> Result<Answer, ApiError> {
+    Ok((
+        status,
+        Json(serde_json::to_value(outcome).map_err(ApiError::internal)?),
+    ))
+}
+
+/// An action's outcome as its answer, read through its documented mirror
+/// `T` (see [`outcomes`] and [`views::conform`]).
+pub fn answer_as<T: Serialize + DeserializeOwned>(
+    status: StatusCode,
+    outcome: impl Serialize,
+) -> Result<Answer, ApiError> {
+    let value = serde_json::to_value(outcome).map_err(ApiError::internal)?;
+    let typed: T = views::conform(std::any::type_name::<T>(), value)?;
+    Ok((
+        status,
+        Json(serde_json::to_value(typed).map_err(ApiError::internal)?),
+    ))
 }
 
 /// An answer of an action: status and JSON body.

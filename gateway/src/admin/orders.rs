@@ -2,22 +2,26 @@
 //! whole timeline), and change the expiry of an order's codes.
 
 use axum::{
-    Json, Router,
+    Json,
     extract::{Path, Query, State},
     http::{HeaderMap, StatusCode},
-    routing::{get, post},
 };
 use chrono::{DateTime, Utc};
 use entitle_jobs::{lifecycle, token::Role};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
-use super::{Answer, not_found};
+use super::{
+    Answer, answer_as, not_found, outcomes,
+    views::{AuditEntry, CodeSummary, DeliverySummary, Timestamp, conform},
+};
 use crate::{
     AppState,
     auth::Actor,
-    error::{ApiError, ApiJson},
+    error::{ApiError, ApiJson, ErrorBody},
 };
 
 /// A code as views show it: never the code, only its last four symbols.
@@ -43,19 +47,59 @@ pub const EVENT_JSON: &str = "json_build_object(
     'id', e.id, 'at', e.occurred_at, 'actor', e.actor, 'action', e.action,
     'subject_type', e.subject_type, 'subject_id', e.subject_id, 'reason', e.reason, 'data', e.data)";
 
-#[derive(Debug, Deserialize)]
+/// Which orders: give `channel_order_id` (with `channel`), `email` or
+/// `account_id`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct Find {
+    /// `stripe`, `shopify` or `native`.
     channel: Option<String>,
+    /// The channel's id of the order (a Checkout Session id, a Shopify order
+    /// id, the native checkout's order id).
     channel_order_id: Option<String>,
+    /// The buyer's or the gift recipient's address, in any case.
     email: Option<String>,
     account_id: Option<String>,
 }
 
-async fn find(
+/// Orders found, newest first (at most 200).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OrderList {
+    pub orders: Vec<OrderSummary>,
+}
+
+/// An order as a search result shows it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OrderSummary {
+    pub id: Uuid,
+    pub channel: String,
+    pub channel_order_id: String,
+    pub buyer_email: String,
+    pub account_id: Option<String>,
+    /// `paid`, `partially_refunded`, `refunded` or `cancelled`.
+    pub state: String,
+    pub paid_at: Option<Timestamp>,
+    pub gift_recipient_email: Option<String>,
+    /// Units bought, over all lines.
+    pub units: i64,
+}
+
+/// Find orders by channel and channel order id, buyer email or account.
+#[utoipa::path(
+    get, path = "/admin/v1/orders", tag = "orders",
+    params(Find),
+    security(("bearer" = ["support"])),
+    extensions(("x-entitle-role" = json!("support"))),
+    responses(
+        (status = 200, description = "The orders found, newest first", body = OrderList),
+        (status = 422, description = "`invalid_request`: none of channel_order_id, email or account_id given", body = ErrorBody),
+    ),
+)]
+async fn find_orders(
     actor: Actor,
     State(state): State<AppState>,
     Query(find): Query<Find>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<OrderList>, ApiError> {
     actor.require(Role::Support)?;
     if find.channel_order_id.is_none() && find.email.is_none() && find.account_id.is_none() {
         return Err(ApiError::new(
@@ -85,7 +129,9 @@ async fn find(
     .bind(&find.account_id)
     .fetch_one(&state.ctx.pool)
     .await?;
-    Ok(Json(json!({ "orders": orders })))
+    Ok(Json(OrderList {
+        orders: conform("the order search", orders)?,
+    }))
 }
 
 /// How much of an order's codes and timeline a view holds: everything (the
@@ -175,16 +221,132 @@ pub async fn order_view_window(
         .await
 }
 
-async fn show(
+/// An order with its lines, codes (masked), deliveries and timeline.
+#[utoipa::path(
+    get, path = "/admin/v1/orders/{id}", tag = "orders",
+    params(("id" = Uuid, Path, description = "The order's id")),
+    security(("bearer" = ["support"])),
+    extensions(("x-entitle-role" = json!("support"))),
+    responses(
+        (status = 200, description = "The order's whole trace", body = OrderView),
+        (status = 404, description = "`not_found`: no such order", body = ErrorBody),
+    ),
+)]
+async fn show_order(
     actor: Actor,
     State(state): State<AppState>,
     Path(id): Path<Uuid>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<OrderView>, ApiError> {
     actor.require(Role::Support)?;
-    order_view(&state.ctx.pool, id)
+    let view = order_view(&state.ctx.pool, id)
         .await?
-        .map(Json)
-        .ok_or_else(|| not_found("order"))
+        .ok_or_else(|| not_found("order"))?;
+    Ok(Json(conform("the order view", view)?))
+}
+
+/// The full trace of an order: lines, codes, deliveries, the channel's
+/// events and adjustments, and every audit event about any of them.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OrderView {
+    pub id: Uuid,
+    pub channel: String,
+    pub channel_order_id: String,
+    /// The payment's id in the channel (a payment intent), where known.
+    pub payment_reference: Option<String>,
+    pub buyer_email: String,
+    pub buyer_name: Option<String>,
+    pub account_id: Option<String>,
+    /// `paid`, `partially_refunded`, `refunded` or `cancelled`.
+    pub state: String,
+    /// ISO 4217.
+    pub currency: Option<String>,
+    /// Minor units (cents).
+    pub amount_total: Option<i64>,
+    pub paid_at: Option<Timestamp>,
+    /// When its codes were issued.
+    pub issued_at: Option<Timestamp>,
+    /// Null unless the codes go to someone else.
+    pub gift: Option<Gift>,
+    pub lines: Vec<OrderLine>,
+    pub codes: Vec<CodeSummary>,
+    /// All the codes of its lines (`codes` may hold a window of them).
+    pub code_count: i64,
+    /// Its lines' codes counted by state.
+    #[schema(value_type = std::collections::BTreeMap<String, i64>)]
+    pub codes_by_state: Value,
+    /// Codes reissued for this order's codes (batches of kind replacement).
+    pub replacement_codes: Vec<CodeSummary>,
+    pub deliveries: Vec<DeliverySummary>,
+    /// Refunds and cancellations, applied or waiting for the order.
+    pub adjustments: Vec<Adjustment>,
+    /// The channel's webhook events about it.
+    pub events: Vec<OrderEvent>,
+    /// Audit events about the order, its codes, deliveries and events.
+    pub timeline: Vec<AuditEntry>,
+}
+
+/// A gift: the codes go to the recipient, the buyer gets a receipt.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Gift {
+    pub recipient_email: String,
+    pub recipient_name: Option<String>,
+    pub message: Option<String>,
+    /// The recipient's email is not sent before this.
+    pub send_at: Option<Timestamp>,
+}
+
+/// An order line: a product and how many units.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OrderLine {
+    pub id: Uuid,
+    pub line_index: i32,
+    /// The channel's reference that named the product (a price id, a
+    /// variant, a SKU).
+    pub channel_reference: String,
+    pub product_sku: String,
+    pub quantity: i32,
+    pub refunded_quantity: i32,
+}
+
+/// A refund or cancellation of an order.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Adjustment {
+    pub id: Uuid,
+    /// `refund` or `cancellation`.
+    pub kind: String,
+    /// `full`, `lines` or `amount`.
+    pub scope: String,
+    /// For scope `lines`: how many units of which products.
+    pub lines: Vec<AdjustedLine>,
+    /// For scope `amount`: minor units refunded.
+    pub amount: Option<i64>,
+    /// Unique per channel: the same refund sent again is applied once.
+    pub adjustment_key: String,
+    pub created_at: Timestamp,
+    /// Null while it waits for its order.
+    pub applied_at: Option<Timestamp>,
+}
+
+/// Units of one product a refund names.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AdjustedLine {
+    /// The channel's references of the product (any of them matches a line).
+    pub references: Vec<String>,
+    pub quantity: u32,
+}
+
+/// A webhook event as an order's trace shows it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OrderEvent {
+    pub id: Uuid,
+    pub channel: String,
+    /// The channel's id of the event.
+    pub event_id: String,
+    pub event_type: String,
+    /// `pending`, `processed`, `ignored` or `failed`.
+    pub status: String,
+    pub error_code: Option<String>,
+    pub received_at: Timestamp,
 }
 
 /// The orders linked to an account and the codes assigned to it.
@@ -206,24 +368,72 @@ pub async fn account_view(pool: &sqlx::PgPool, account_id: &str) -> Result<Value
         .await
 }
 
-async fn account(
+/// The orders linked to an account and the codes it holds.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AccountView {
+    pub account_id: String,
+    /// Newest first.
+    pub orders: Vec<AccountOrder>,
+    /// The codes assigned to it now, latest first.
+    pub codes: Vec<CodeSummary>,
+}
+
+/// An order as an account's view lists it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AccountOrder {
+    pub id: Uuid,
+    pub channel: String,
+    pub channel_order_id: String,
+    pub state: String,
+    pub paid_at: Option<Timestamp>,
+}
+
+/// Orders linked to an account and codes assigned to it.
+#[utoipa::path(
+    get, path = "/admin/v1/accounts/{account_id}", tag = "orders",
+    params(("account_id" = String, Path, description = "The platform's account id")),
+    security(("bearer" = ["support"])),
+    extensions(("x-entitle-role" = json!("support"))),
+    responses(
+        (status = 200, description = "The account's orders and codes (empty lists for an account Entitle never saw)", body = AccountView),
+    ),
+)]
+async fn show_account(
     actor: Actor,
     State(state): State<AppState>,
     Path(account_id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AccountView>, ApiError> {
     actor.require(Role::Support)?;
-    Ok(Json(account_view(&state.ctx.pool, &account_id).await?))
+    let view = account_view(&state.ctx.pool, &account_id).await?;
+    Ok(Json(conform("the account view", view)?))
 }
 
 /// A new expiry, with its reason.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({ "expires_at": "2031-01-01T00:00:00Z", "reason": "goodwill" })))]
 pub struct ExpiryRequest {
     pub expires_at: DateTime<Utc>,
     pub reason: String,
 }
 
-async fn order_expiry(
+/// Change the expiry of every code of an order.
+///
+/// Revoked codes keep theirs; an expired code extended into the future is
+/// issued again.
+#[utoipa::path(
+    post, path = "/admin/v1/orders/{id}/expiry", tag = "orders",
+    params(("id" = Uuid, Path, description = "The order's id"), super::IdempotencyKey),
+    request_body = ExpiryRequest,
+    security(("bearer" = ["operator"])),
+    extensions(("x-entitle-role" = json!("operator"))),
+    responses(
+        (status = 200, description = "The codes moved to the new expiry", body = outcomes::OrderExpiryChanged),
+        (status = 404, description = "`not_found`: no such order", body = ErrorBody),
+        (status = 422, description = "`reason_required`, `idempotency_key_reused`", body = ErrorBody),
+    ),
+)]
+async fn change_order_expiry(
     actor: Actor,
     State(state): State<AppState>,
     Path(id): Path<Uuid>,
@@ -237,13 +447,14 @@ async fn order_expiry(
     let who = action.who();
     let changed =
         lifecycle::change_order_expiry(&mut action.tx, who, id, request.expires_at).await?;
-    action.finish((StatusCode::OK, Json(json!(changed)))).await
+    let answer = answer_as::<outcomes::OrderExpiryChanged>(StatusCode::OK, changed)?;
+    action.finish(answer).await
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/admin/v1/orders", get(find))
-        .route("/admin/v1/orders/{id}", get(show))
-        .route("/admin/v1/orders/{id}/expiry", post(order_expiry))
-        .route("/admin/v1/accounts/{account_id}", get(account))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(find_orders))
+        .routes(routes!(show_order))
+        .routes(routes!(change_order_expiry))
+        .routes(routes!(show_account))
 }

@@ -1,10 +1,9 @@
 //! Admin-only: API tokens and the product catalogue.
 
 use axum::{
-    Json, Router,
+    Json,
     extract::{Path, State},
     http::{HeaderMap, StatusCode},
-    routing::{get, post},
 };
 use entitle_jobs::{
     audit::{self, AuditEvent},
@@ -13,15 +12,48 @@ use entitle_jobs::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::{Answer, conflict, not_found, require_reason};
+use super::{
+    Answer, IdempotencyKey, ReasonOnly, answer, conflict, not_found, require_reason,
+    views::{Timestamp, conform},
+};
 use crate::{
     AppState,
     auth::Actor,
-    error::{ApiError, ApiJson},
+    error::{ApiError, ApiJson, ErrorBody},
 };
 
-async fn list(actor: Actor, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+/// Every API token, oldest first.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TokenList {
+    pub tokens: Vec<TokenSummary>,
+}
+
+/// An API token: its name and role, never the token.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TokenSummary {
+    /// The actor in the audit events of whoever uses it.
+    pub name: String,
+    pub role: Role,
+    pub created_by: String,
+    pub created_at: Timestamp,
+    pub revoked_at: Option<Timestamp>,
+    pub last_used_at: Option<Timestamp>,
+}
+
+/// API tokens (names, roles, last use).
+#[utoipa::path(
+    get, path = "/admin/v1/tokens", tag = "tokens",
+    security(("bearer" = ["admin"])),
+    extensions(("x-entitle-role" = json!("admin"))),
+    responses((status = 200, description = "Every token, revoked ones too", body = TokenList)),
+)]
+async fn list_tokens(
+    actor: Actor,
+    State(state): State<AppState>,
+) -> Result<Json<TokenList>, ApiError> {
     actor.require(Role::Admin)?;
     let tokens: Value = sqlx::query_scalar(
         "SELECT coalesce(json_agg(json_build_object('name', name, 'role', role, 'created_by', created_by,
@@ -30,24 +62,52 @@ async fn list(actor: Actor, State(state): State<AppState>) -> Result<Json<Value>
     )
     .fetch_one(&state.ctx.pool)
     .await?;
-    Ok(Json(json!({ "tokens": tokens })))
+    Ok(Json(TokenList {
+        tokens: conform("the token list", tokens)?,
+    }))
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+/// A token to create, and why.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateRequest {
+#[schema(examples(json!({ "name": "alice", "role": "support", "reason": "new support agent" })))]
+struct TokenRequest {
+    /// 1 to 100 characters, unique among active tokens.
     name: String,
     role: Role,
     reason: String,
 }
 
+/// A new token: the only time it is shown.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TokenCreated {
+    pub name: String,
+    pub role: Role,
+    /// `ent_…`: send as `Authorization: Bearer <token>`. Only its hash is
+    /// kept.
+    pub token: String,
+}
+
+/// Create a token; it is shown once.
+///
 /// Not idempotent by key: the token is shown once and never stored, so a
 /// replayed answer could not carry it. A retry with the same name is refused.
-async fn create(
+#[utoipa::path(
+    post, path = "/admin/v1/tokens", tag = "tokens",
+    request_body = TokenRequest,
+    security(("bearer" = ["admin"])),
+    extensions(("x-entitle-role" = json!("admin"))),
+    responses(
+        (status = 201, description = "Created", body = TokenCreated),
+        (status = 409, description = "`token_name_taken`: an active token has that name", body = ErrorBody),
+        (status = 422, description = "`invalid_request` (name), `reason_required`", body = ErrorBody),
+    ),
+)]
+async fn create_token(
     actor: Actor,
     State(state): State<AppState>,
-    ApiJson(request): ApiJson<CreateRequest>,
-) -> Result<Answer, ApiError> {
+    ApiJson(request): ApiJson<TokenRequest>,
+) -> Result<(StatusCode, Json<TokenCreated>), ApiError> {
     actor.require(Role::Admin)?;
     if request.name.trim().is_empty() || request.name.len() > 100 {
         return Err(ApiError::new(
@@ -67,7 +127,11 @@ async fn create(
     {
         Ok(token) => Ok((
             StatusCode::CREATED,
-            Json(json!({ "name": request.name, "role": request.role, "token": token })),
+            Json(TokenCreated {
+                name: request.name,
+                role: request.role,
+                token,
+            }),
         )),
         Err(CreateError::NameTaken(name)) => Err(conflict(
             "token_name_taken",
@@ -77,13 +141,27 @@ async fn create(
     }
 }
 
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-struct ReasonOnly {
-    reason: String,
+/// A token revoked.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TokenRevoked {
+    pub name: String,
+    pub revoked: bool,
 }
 
-async fn revoke(
+/// Revoke a token.
+#[utoipa::path(
+    post, path = "/admin/v1/tokens/{name}/revoke", tag = "tokens",
+    params(("name" = String, Path, description = "The token's name"), IdempotencyKey),
+    request_body = ReasonOnly,
+    security(("bearer" = ["admin"])),
+    extensions(("x-entitle-role" = json!("admin"))),
+    responses(
+        (status = 200, description = "Revoked: it no longer works", body = TokenRevoked),
+        (status = 404, description = "`not_found`: no active token has that name", body = ErrorBody),
+        (status = 422, description = "`reason_required`, `idempotency_key_reused`", body = ErrorBody),
+    ),
+)]
+async fn revoke_token(
     actor: Actor,
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -110,15 +188,50 @@ async fn revoke(
             json!({ "before": { "role": role, "active": true }, "after": { "active": false } }),
         )
         .await?;
-    let answer = (
-        StatusCode::OK,
-        Json(json!({ "name": name, "revoked": true })),
-    );
-    let answer = action.finish(answer).await?;
-    Ok(answer)
+    let revoked = TokenRevoked {
+        name,
+        revoked: true,
+    };
+    action.finish(answer(StatusCode::OK, revoked)?).await
 }
 
-async fn products(actor: Actor, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+/// The catalogue's products.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ProductList {
+    pub products: Vec<Product>,
+}
+
+/// What a code entitles to, and the channels' references that name it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Product {
+    pub sku: String,
+    pub name: String,
+    /// Codes expire this many days after issue.
+    pub validity_days: i32,
+    pub email_template: String,
+    pub active: bool,
+    pub references: Vec<ChannelReference>,
+}
+
+/// A channel's name for a product (a Stripe price, a Shopify variant or
+/// SKU, a native SKU).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ChannelReference {
+    pub channel: String,
+    pub reference: String,
+}
+
+/// Products and their channel references.
+#[utoipa::path(
+    get, path = "/admin/v1/products", tag = "products",
+    security(("bearer" = ["support"])),
+    extensions(("x-entitle-role" = json!("support"))),
+    responses((status = 200, description = "Every product, by SKU", body = ProductList)),
+)]
+async fn list_products(
+    actor: Actor,
+    State(state): State<AppState>,
+) -> Result<Json<ProductList>, ApiError> {
     actor.require(Role::Support)?;
     let products: Value = sqlx::query_scalar(
         "SELECT coalesce(json_agg(json_build_object('sku', p.sku, 'name', p.name,
@@ -130,15 +243,36 @@ async fn products(actor: Actor, State(state): State<AppState>) -> Result<Json<Va
     )
     .fetch_one(&state.ctx.pool)
     .await?;
-    Ok(Json(json!({ "products": products })))
+    Ok(Json(ProductList {
+        products: conform("the product list", products)?,
+    }))
 }
 
+/// The catalogue, reloaded.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CatalogueReloaded {
+    /// Products in the file.
+    pub products: usize,
+}
+
+/// Reload the catalogue file into the database.
+///
 /// Products live in the catalogue file; this re-reads it without a restart.
-async fn reload(
+#[utoipa::path(
+    post, path = "/admin/v1/products/reload", tag = "products",
+    request_body = ReasonOnly,
+    security(("bearer" = ["admin"])),
+    extensions(("x-entitle-role" = json!("admin"))),
+    responses(
+        (status = 200, description = "Reloaded", body = CatalogueReloaded),
+        (status = 422, description = "`catalogue_invalid`, `reason_required`", body = ErrorBody),
+    ),
+)]
+async fn reload_products(
     actor: Actor,
     State(state): State<AppState>,
     ApiJson(request): ApiJson<ReasonOnly>,
-) -> Result<Answer, ApiError> {
+) -> Result<Json<CatalogueReloaded>, ApiError> {
     actor.require(Role::Admin)?;
     require_reason(&request.reason)?;
     let catalogue = Catalogue::load(&state.ctx.config.catalogue.file).map_err(|e| {
@@ -165,16 +299,15 @@ async fn reload(
         },
     )
     .await?;
-    Ok((
-        StatusCode::OK,
-        Json(json!({ "products": catalogue.product.len() })),
-    ))
+    Ok(Json(CatalogueReloaded {
+        products: catalogue.product.len(),
+    }))
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/admin/v1/tokens", get(list).post(create))
-        .route("/admin/v1/tokens/{name}/revoke", post(revoke))
-        .route("/admin/v1/products", get(products))
-        .route("/admin/v1/products/reload", post(reload))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_tokens, create_token))
+        .routes(routes!(revoke_token))
+        .routes(routes!(list_products))
+        .routes(routes!(reload_products))
 }

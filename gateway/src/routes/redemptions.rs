@@ -1,27 +1,31 @@
 //! The platform API: `POST /v1/redemptions` assigns a code to an account
 //! and an entity; `POST /v1/codes/check` says whether a code can be.
 
-use axum::{Json, Router, extract::State, http::StatusCode, routing::post};
+use axum::{Json, extract::State, http::StatusCode};
 use entitle_jobs::{
     code::Code,
     redemption::{self, CodeCheck, RedeemError, Redeemed, Redemption},
 };
 use serde::Deserialize;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
     AppState,
-    error::{ApiError, ApiJson},
+    error::{ApiError, ApiJson, ErrorBody},
     platform::Platform,
 };
 
 /// What a redeemer sends.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({ "code": "7KQ4-M2XP-9DHT-3WAB", "account_id": "acct_1", "entity_ref": "child_1" })))]
 pub struct RedeemRequest {
     /// The code as typed: any case, spaces or dashes.
     pub code: String,
+    /// The platform's account (1 to 200 characters).
     pub account_id: String,
-    /// The person or thing the entitlement is for.
+    /// The person or thing the entitlement is for (1 to 200 characters).
     pub entity_ref: String,
 }
 
@@ -68,8 +72,30 @@ fn refusal(e: RedeemError) -> ApiError {
     ApiError::new(status, e.code(), detail)
 }
 
+/// Redeem a code: assign it to an account and an entity.
+///
 /// Needs a platform key; the key's name is recorded as the caller.
-async fn redeem(
+/// Idempotent for the same holder: the same code, account and entity again
+/// answer 200 with the same redemption.
+#[utoipa::path(
+    post, path = "/v1/redemptions", tag = "platform",
+    request_body = RedeemRequest,
+    security(("platform_key" = ["platform"])),
+    extensions(("x-entitle-role" = json!("platform"))),
+    responses(
+        (status = 201, description = "Redeemed now", body = Redemption),
+        (status = 200, description = "Redeemed earlier by the same account and entity: the same redemption", body = Redemption),
+        (status = 404, description = "`code_not_found`: no code matches", body = ErrorBody),
+        (status = 409, description = "`code_already_redeemed`: redeemed by someone else", body = ErrorBody),
+        (status = 410, description = "`code_revoked`, `code_expired`", body = ErrorBody),
+        (status = 422, description = "`code_malformed` (the check symbol is wrong: a typo), `invalid_request` (account_id or entity_ref empty or over 200 characters)", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: too many requests from this key or client address", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 503, description = "`overloaded`: too many platform requests at once", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+    ),
+)]
+async fn redeem_code(
     Platform(caller): Platform,
     State(state): State<AppState>,
     ApiJson(request): ApiJson<RedeemRequest>,
@@ -94,17 +120,35 @@ async fn redeem(
 }
 
 /// What a platform's redeem form sends to check a code as it is typed.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({ "code": "7KQ4-M2XP-9DHT-3WAB" })))]
 pub struct CheckRequest {
     /// The code as typed: any case, spaces or dashes.
     pub code: String,
 }
 
-/// Says whether a code can be redeemed, without redeeming it. A code that
-/// exists answers 200 whatever its state (`valid` says whether it can be
-/// redeemed); one that does not, 404 `code_not_found`.
-async fn check(
+/// Check a code without redeeming it.
+///
+/// For a platform's redeem form: a code that exists answers 200 whatever
+/// its state (`valid` says whether it can be redeemed now); one that does
+/// not, 404. Never says who holds a code. Rate-limited like redemption.
+#[utoipa::path(
+    post, path = "/v1/codes/check", tag = "platform",
+    request_body = CheckRequest,
+    security(("platform_key" = ["platform"])),
+    extensions(("x-entitle-role" = json!("platform"))),
+    responses(
+        (status = 200, description = "The code", body = CodeCheck),
+        (status = 404, description = "`code_not_found`: no code matches", body = ErrorBody),
+        (status = 422, description = "`code_malformed`: the check symbol is wrong (a typo)", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: too many requests from this key or client address", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 503, description = "`overloaded`: too many platform requests at once", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+    ),
+)]
+async fn check_code(
     Platform(_): Platform,
     State(state): State<AppState>,
     ApiJson(request): ApiJson<CheckRequest>,
@@ -116,8 +160,8 @@ async fn check(
         .map_err(refusal)
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/redemptions", post(redeem))
-        .route("/v1/codes/check", post(check))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(redeem_code))
+        .routes(routes!(check_code))
 }
