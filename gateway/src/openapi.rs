@@ -56,6 +56,7 @@ pub const ROLE_EXTENSION: &str = "x-entitle-role";
         (name = "reconciliations", description = "Reconciliation runs."),
         (name = "tokens", description = "Staff API tokens."),
         (name = "platform_keys", description = "The platform's API keys for /v1."),
+        (name = "platform_events", description = "Events for the platform: endpoints, the delivery log, replay."),
         (name = "products", description = "The product catalogue."),
         (name = "health", description = "Liveness and readiness."),
         (name = "contract", description = "This document."),

@@ -15,6 +15,7 @@ use crate::{
     finding::{self, NewFinding},
     inbox,
     issuance::{self, IssueSettings},
+    platform_event,
 };
 
 /// Whether money came back, or the order was called off.
@@ -387,6 +388,14 @@ impl Apply<'_> {
             })
             .collect();
         audit::record_many(conn, audit::WORKER, "code.revoked", "code", &events).await?;
+        let ids: Vec<Uuid> = revoked.iter().map(|(id, _)| *id).collect();
+        platform_event::record_codes(
+            conn,
+            platform_event::Kind::CodeRevoked,
+            &ids,
+            json!({ "cause": "adjustment" }),
+        )
+        .await?;
         for (code_id, _) in codes.iter().filter(|(_, s)| s == "redeemed") {
             finding::record(
                 conn,

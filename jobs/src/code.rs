@@ -176,11 +176,24 @@ impl CodeKeys {
 
     /// Encrypts a code with a fresh random nonce: `nonce || ciphertext`.
     pub fn seal(&self, code: &Code) -> Vec<u8> {
+        self.seal_bytes(code.canonical().as_bytes())
+    }
+
+    /// Opens a sealed code.
+    pub fn unseal(&self, sealed: &[u8]) -> Result<Code, UnsealError> {
+        let plain = self.unseal_bytes(sealed)?;
+        let text = String::from_utf8(plain).map_err(|_| UnsealError)?;
+        Code::parse(&text).map_err(|_| UnsealError)
+    }
+
+    /// Encrypts another secret (an endpoint's signing secret) the way codes
+    /// are: `nonce || ciphertext`, with a fresh random nonce.
+    pub fn seal_bytes(&self, plain: &[u8]) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
         rand::fill(&mut nonce);
         let sealed = self
             .seal
-            .encrypt(&XNonce::from(nonce), code.canonical().as_bytes())
+            .encrypt(&XNonce::from(nonce), plain)
             .expect("encrypting a short plaintext cannot fail");
         let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
         out.extend_from_slice(&nonce);
@@ -188,19 +201,16 @@ impl CodeKeys {
         out
     }
 
-    /// Opens a sealed code.
-    pub fn unseal(&self, sealed: &[u8]) -> Result<Code, UnsealError> {
+    /// Opens what [`CodeKeys::seal_bytes`] sealed.
+    pub fn unseal_bytes(&self, sealed: &[u8]) -> Result<Vec<u8>, UnsealError> {
         if sealed.len() <= NONCE_LEN {
             return Err(UnsealError);
         }
         let (nonce, ciphertext) = sealed.split_at(NONCE_LEN);
         let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| UnsealError)?;
-        let plain = self
-            .seal
+        self.seal
             .decrypt(&XNonce::from(nonce), ciphertext)
-            .map_err(|_| UnsealError)?;
-        let text = String::from_utf8(plain).map_err(|_| UnsealError)?;
-        Code::parse(&text).map_err(|_| UnsealError)
+            .map_err(|_| UnsealError)
     }
 }
 

@@ -34,6 +34,7 @@ pub struct Config {
     pub schedule: ScheduleConfig,
     pub reconcile: ReconcileConfig,
     pub console: ConsoleConfig,
+    pub platform: PlatformConfig,
 }
 
 /// `[reconcile]`
@@ -205,6 +206,50 @@ pub struct EmailConfig {
     pub retry_max_backoff_secs: u64,
 }
 
+/// Sending events to the platform (see `[platform]` in the defaults).
+#[derive(Debug, Clone, Deserialize)]
+pub struct PlatformConfig {
+    /// How long an undelivered event is tried again before it fails.
+    pub retry_for_secs: u64,
+    pub retry_min_backoff_ms: u64,
+    pub retry_max_backoff_secs: u64,
+    /// Each attempt's whole timeout.
+    pub timeout_secs: u64,
+    /// After a rotation through the admin API, how long the previous
+    /// secret signs beside the new one.
+    pub rotation_overlap_secs: u64,
+    /// Deliveries of one batch sent at once.
+    pub concurrency: usize,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+/// An endpoint from the configuration file.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EndpointConfig {
+    pub name: String,
+    pub url: String,
+    /// `whsec_<base64>`: what the receiver verifies with.
+    pub secret: SecretString,
+    /// During a rotation, the old secret: events are signed with both.
+    #[serde(default)]
+    pub previous_secret: Option<SecretString>,
+    /// The event types it hears; empty or absent: every type.
+    #[serde(default)]
+    pub events: Vec<String>,
+}
+
+impl PlatformConfig {
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            // Time, not a count, ends the retries (`retry_for_secs`).
+            max_attempts: i32::MAX,
+            min_backoff: Duration::from_millis(self.retry_min_backoff_ms),
+            max_backoff: Duration::from_secs(self.retry_max_backoff_secs),
+        }
+    }
+}
+
 /// A configuration that cannot be used, naming the key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -298,6 +343,20 @@ impl Config {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
             }
+        }
+        if self.platform.retry_min_backoff_ms == 0
+            || self.platform.retry_min_backoff_ms > self.platform.retry_max_backoff_secs * 1000
+        {
+            return Err(invalid(
+                "platform.retry_min_backoff_ms",
+                "must be at least 1 and not above platform.retry_max_backoff_secs",
+            ));
+        }
+        if self.platform.timeout_secs == 0 || self.platform.concurrency == 0 {
+            return Err(invalid(
+                "platform.timeout_secs",
+                "platform.timeout_secs and platform.concurrency must be at least 1",
+            ));
         }
         if self.worker.lease_secs < 2 {
             return Err(invalid("worker.lease_secs", "must be at least 2"));

@@ -26,6 +26,10 @@ pub struct Shared {
     pub keys: CodeKeys,
     pub stripe: StripeApi,
     pub mailer: Mailer,
+    /// Sends the platform's events: each attempt bounded by
+    /// `platform.timeout_secs`, redirects not followed (a receiver moves by
+    /// changing its endpoint).
+    pub http: reqwest::Client,
 }
 
 impl Deref for Context {
@@ -44,6 +48,14 @@ impl Context {
             keys: CodeKeys::new(config.hash_key(), config.seal_key()),
             stripe: StripeApi::new(&config.stripe)?,
             mailer: Mailer::new(&config.email)?,
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(config.platform.timeout_secs))
+                .connect_timeout(std::time::Duration::from_secs(
+                    config.platform.timeout_secs.min(5),
+                ))
+                .redirect(reqwest::redirect::Policy::none())
+                .user_agent(concat!("Entitle/", env!("CARGO_PKG_VERSION")))
+                .build()?,
             config,
             pool,
         })))

@@ -22,16 +22,24 @@ pub enum Work {
     Events,
     Deliveries,
     Reconciliations,
+    /// Events for the platform, each to one endpoint.
+    Platform,
 }
 
 impl Work {
-    pub const ALL: [Work; 3] = [Work::Events, Work::Deliveries, Work::Reconciliations];
+    pub const ALL: [Work; 4] = [
+        Work::Events,
+        Work::Deliveries,
+        Work::Reconciliations,
+        Work::Platform,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Work::Events => "events",
             Work::Deliveries => "deliveries",
             Work::Reconciliations => "reconciliations",
+            Work::Platform => "platform",
         }
     }
 
@@ -71,6 +79,22 @@ impl Work {
                               ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED)
                  RETURNING id"
             }
+            // A code's events go out in order: its next delivery to an
+            // endpoint is ready only once no earlier one is pending there.
+            // Deliveries to a disabled endpoint wait.
+            Work::Platform => {
+                "UPDATE platform_delivery SET leased_until = now() + make_interval(secs => $3), lease_token = $2
+                 WHERE id IN (SELECT d.id FROM platform_delivery d
+                              JOIN platform_endpoint ep ON ep.id = d.endpoint_id AND ep.disabled_at IS NULL
+                              WHERE d.status = 'pending' AND d.due_at <= now()
+                                AND (d.leased_until IS NULL OR d.leased_until < now())
+                                AND (d.code_id IS NULL OR NOT EXISTS (
+                                    SELECT 1 FROM platform_delivery p
+                                    WHERE p.endpoint_id = d.endpoint_id AND p.code_id = d.code_id
+                                      AND p.status = 'pending' AND p.seq < d.seq))
+                              ORDER BY d.due_at LIMIT $1 FOR UPDATE OF d SKIP LOCKED)
+                 RETURNING id"
+            }
         };
         let mut ids: Vec<Uuid> = sqlx::query_scalar(sql)
             .bind(limit)
@@ -99,6 +123,10 @@ impl Work {
                 "UPDATE reconciliation_run SET leased_until = NULL
                  WHERE id = ANY($1) AND status = 'queued' AND $2::uuid IS NOT NULL"
             }
+            Work::Platform => {
+                "UPDATE platform_delivery SET leased_until = NULL, lease_token = NULL
+                 WHERE id = ANY($1) AND lease_token = $2 AND status = 'pending'"
+            }
         };
         sqlx::query(sql).bind(ids).bind(token).execute(pool).await?;
         Ok(())
@@ -122,6 +150,9 @@ pub async fn backlog(pool: &PgPool, work: Work) -> sqlx::Result<(i64, f64)> {
             "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
              FROM reconciliation_run WHERE status = 'queued'"
         }
+        // Age since the oldest undelivered event was written, not since it
+        // was last due: how far behind the platform is.
+        Work::Platform => return crate::platform_event::log::backlog(pool).await,
     };
     sqlx::query_as(sql).fetch_one(pool).await
 }
@@ -162,6 +193,7 @@ pub async fn feed(
         Work::Events => queues.events.get_config(),
         Work::Deliveries => queues.deliveries.get_config(),
         Work::Reconciliations => queues.reconciliations.get_config(),
+        Work::Platform => queues.platform.get_config(),
     };
     let waiting = queues.waiting(config).await?;
     let room = u64::from(window).saturating_sub(waiting);
@@ -182,6 +214,7 @@ pub async fn feed(
         Work::Events => queues.push_events(token, batches).await,
         Work::Deliveries => queues.push_deliveries(token, batches).await,
         Work::Reconciliations => queues.push_reconciliations(ids.clone()).await,
+        Work::Platform => queues.push_platform(token, batches).await,
     };
     if let Err(e) = pushed {
         // Best effort: if this fails too, the lease lapses on its own.
@@ -222,6 +255,12 @@ pub async fn lease_now(
         Work::Reconciliations => {
             "UPDATE reconciliation_run SET leased_until = now() + make_interval(secs => $3)
              WHERE id = ANY($1) AND status = 'queued' AND $2::uuid IS NOT NULL
+             RETURNING id"
+        }
+        Work::Platform => {
+            "UPDATE platform_delivery SET leased_until = now() + make_interval(secs => $3), lease_token = $2
+             WHERE id = ANY($1) AND status = 'pending'
+               AND (leased_until IS NULL OR leased_until < now())
              RETURNING id"
         }
     };

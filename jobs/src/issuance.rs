@@ -28,7 +28,7 @@ use crate::{
     command::Purchase,
     delivery::{self, CodeSelection, NewDelivery},
     error::JobError,
-    inbox,
+    inbox, platform_event,
 };
 
 /// What issuance did for an event.
@@ -614,6 +614,8 @@ pub async fn fulfil_many(
         .iter()
         .map(|(inbox_id, _, _, order_id)| (*inbox_id, Some(*order_id)))
         .collect();
+    let fulfilled: Vec<Uuid> = fresh.iter().map(|(_, _, _, order_id)| *order_id).collect();
+    platform_event::record_fulfilled(&mut tx, &fulfilled).await?;
     inbox::mark_processed_many(&mut tx, &processed, "order fulfilled").await?;
     tx.commit().await?;
 
@@ -926,6 +928,7 @@ async fn finish(
             .execute(&mut *tx)
             .await?;
         deliveries = adjust_then_deliver(&mut tx, settings, order_id, purchase, Utc::now()).await?;
+        platform_event::record_fulfilled(&mut tx, &[order_id]).await?;
     }
     inbox::mark_processed(&mut tx, inbox_id, Some(order_id), "order fulfilled").await?;
     tx.commit().await?;

@@ -76,6 +76,10 @@ async fn renew(
             "UPDATE email_delivery SET leased_until = now() + make_interval(secs => $3)
              WHERE id = ANY($1) AND lease_token = $2 AND status IN ('pending', 'sending')"
         }
+        Work::Platform => {
+            "UPDATE platform_delivery SET leased_until = now() + make_interval(secs => $3)
+             WHERE id = ANY($1) AND lease_token = $2 AND status = 'pending'"
+        }
         Work::Reconciliations => return Ok(()),
     };
     sqlx::query(sql)

@@ -24,6 +24,7 @@ pub mod issuance;
 pub mod lease;
 pub mod letter;
 pub mod lifecycle;
+pub mod platform_event;
 pub mod platform_key;
 pub mod queue;
 pub mod reconcile;

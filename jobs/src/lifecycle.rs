@@ -16,6 +16,7 @@ use crate::{
     context::Context,
     delivery::{self, CodeSelection, NewDelivery},
     issuance,
+    platform_event::{self, Kind},
     token::Role,
 };
 
@@ -355,6 +356,13 @@ pub async fn revoke(
         }),
     )
     .await?;
+    platform_event::record_codes(
+        conn,
+        Kind::CodeRevoked,
+        &[id],
+        json!({ "cause": "support" }),
+    )
+    .await?;
     Ok(Revoked {
         id,
         last4: code.last4,
@@ -422,6 +430,13 @@ async fn replace(
     }
     who.audit(conn, "code.reissued", "code", code.id.to_string(), data)
         .await?;
+    platform_event::record_codes(
+        conn,
+        Kind::CodeReissued,
+        &[code.id],
+        json!({ "replacement_code_id": new_id, "replacement_last4": new_last4 }),
+    )
+    .await?;
     Ok(CodeRef {
         id: new_id,
         last4: new_last4,
@@ -563,6 +578,13 @@ pub async fn reassign(
         json!({ "last4": code.last4, "before": before, "after": to }),
     )
     .await?;
+    platform_event::record_codes(
+        conn,
+        Kind::CodeReassigned,
+        &[id],
+        json!({ "previous": before }),
+    )
+    .await?;
     Ok(Reassigned {
         id,
         state: CodeState::Redeemed,
@@ -600,6 +622,13 @@ pub async fn unassign(
             "before": { "state": "redeemed", "assignment": before },
             "after": { "state": "issued" },
         }),
+    )
+    .await?;
+    platform_event::record_codes(
+        conn,
+        Kind::CodeUnassigned,
+        &[id],
+        json!({ "previous": before }),
     )
     .await?;
     Ok(Unassigned {

@@ -34,6 +34,13 @@ pub struct DeliveryBatch {
     pub ids: Vec<Uuid>,
 }
 
+/// Send these platform event deliveries, fed under `token`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlatformBatch {
+    pub token: Uuid,
+    pub ids: Vec<Uuid>,
+}
+
 /// Carry out one queued reconciliation run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunReconciliation {
@@ -46,6 +53,7 @@ pub struct Queues {
     pub events: RedisStorage<EventBatch>,
     pub deliveries: RedisStorage<DeliveryBatch>,
     pub reconciliations: RedisStorage<RunReconciliation>,
+    pub platform: RedisStorage<PlatformBatch>,
     conn: ConnectionManager,
 }
 
@@ -90,16 +98,19 @@ impl Queues {
                 .with_config(queue_config(format!("{ns}:deliveries:v2"))),
             reconciliations: RedisStorage::new(conn.clone())
                 .with_config(queue_config(format!("{ns}:reconciliations:v2"))),
+            platform: RedisStorage::new(conn.clone())
+                .with_config(queue_config(format!("{ns}:platform:v1"))),
             conn,
         })
     }
 
     /// The apalis configuration of each queue.
-    fn configs(&self) -> [&QueueConfig; 3] {
+    fn configs(&self) -> [&QueueConfig; 4] {
         [
             self.events.get_config(),
             self.deliveries.get_config(),
             self.reconciliations.get_config(),
+            self.platform.get_config(),
         ]
     }
 
@@ -131,6 +142,19 @@ impl Queues {
             .push_bulk(jobs)
             .await
             .context("Failed to enqueue email deliveries")
+    }
+
+    /// Pushes platform delivery batches, each fed under `token`.
+    pub async fn push_platform(&self, token: Uuid, batches: Vec<Vec<Uuid>>) -> anyhow::Result<()> {
+        let jobs = batches
+            .into_iter()
+            .map(|ids| PlatformBatch { token, ids })
+            .collect();
+        self.platform
+            .clone()
+            .push_bulk(jobs)
+            .await
+            .context("Failed to enqueue platform events")
     }
 
     /// Pushes queued reconciliation runs.
@@ -181,6 +205,12 @@ impl Queues {
                 .context(failed)?
             + self
                 .reconciliations
+                .clone()
+                .vacuum_before(older_than)
+                .await
+                .context(failed)?
+            + self
+                .platform
                 .clone()
                 .vacuum_before(older_than)
                 .await

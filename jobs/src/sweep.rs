@@ -11,7 +11,12 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::{audit, error::JobError, queue::Queues};
+use crate::{
+    audit,
+    error::JobError,
+    platform_event::{self, Kind},
+    queue::Queues,
+};
 
 /// Claims a job's tick for this worker; false when another process has it.
 pub async fn claim_tick(
@@ -145,6 +150,8 @@ pub async fn expire(pool: &PgPool, batch: i64) -> Result<Value, JobError> {
             })
             .collect();
         audit::record_many(&mut tx, audit::WORKER, "code.expired", "code", &events).await?;
+        let ids: Vec<Uuid> = expired.iter().map(|(id, _)| *id).collect();
+        platform_event::record_codes(&mut tx, Kind::CodeExpired, &ids, json!({})).await?;
         tx.commit().await?;
         total += expired.len();
         if (expired.len() as i64) < batch {

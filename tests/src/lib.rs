@@ -5,6 +5,7 @@
 pub mod browser;
 pub mod channel_api;
 pub mod channels;
+pub mod receiver;
 pub mod smtp;
 pub mod stripe;
 

@@ -12,7 +12,8 @@ use entitle_jobs::{
     Context,
     feed::{self, FeedSettings, Work},
     handlers,
-    queue::{DeliveryBatch, EventBatch, Queues, RunReconciliation},
+    platform_event::{deliver, endpoint},
+    queue::{DeliveryBatch, EventBatch, PlatformBatch, Queues, RunReconciliation},
     reconcile, sweep,
 };
 use futures::{FutureExt, future::BoxFuture};
@@ -43,6 +44,14 @@ async fn send_deliveries(job: DeliveryBatch, ctx: Data<Context>) -> Result<(), B
     if let Err(e) = handlers::send_deliveries(&ctx, job.token, &job.ids).await {
         tracing::warn!(error = %e, deliveries = job.ids.len(),
             "delivery batch not done; its deliveries are fed again when their lease lapses");
+    }
+    Ok(())
+}
+
+async fn send_platform_events(job: PlatformBatch, ctx: Data<Context>) -> Result<(), BoxDynError> {
+    if let Err(e) = deliver::send_batch(&ctx, job.token, &job.ids).await {
+        tracing::warn!(error = %e, deliveries = job.ids.len(),
+            "platform batch not done; its deliveries are fed again when their lease lapses");
     }
     Ok(())
 }
@@ -92,6 +101,11 @@ async fn feed_loop(ctx: Context, queues: Queues, work: Work, mut stop: watch::Re
                 metrics::gauge!("entitle_backlog", "queue" => work.as_str()).set(count as f64);
                 metrics::gauge!("entitle_backlog_oldest_seconds", "queue" => work.as_str())
                     .set(oldest);
+                if work == Work::Platform {
+                    // Named for what operations alert on: how far behind
+                    // the platform's picture of its codes is.
+                    metrics::gauge!("entitle_platform_oldest_undelivered_seconds").set(oldest);
+                }
             }
         }
         let wait = match feed::feed(&ctx.pool, &queues, work, settings).await {
@@ -191,6 +205,9 @@ pub async fn run_with(
     queues: Queues,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    endpoint::sync_config(&ctx.pool, &ctx.keys, &ctx.config.platform.endpoints)
+        .await
+        .map_err(|e| anyhow::anyhow!("platform.endpoints: {e}"))?;
     let concurrency = ctx.config.worker.concurrency;
     // A push from another process (a feeder elsewhere) does not wake this
     // worker, so idle workers look for new jobs at this interval.
@@ -213,6 +230,8 @@ pub async fn run_with(
     let events = queues.events.clone();
     let deliveries = queues.deliveries.clone();
     let reconciliations = queues.reconciliations.clone();
+    let platform = queues.platform.clone();
+    let platform_ctx = ctx.clone();
     let event_ctx = ctx.clone();
     let delivery_ctx = ctx.clone();
     let reconcile_ctx = ctx.clone();
@@ -242,6 +261,21 @@ pub async fn run_with(
                 .parallelize(tokio::spawn)
                 .data(delivery_ctx.clone())
                 .build(send_deliveries)
+        })
+        // Each job sends its deliveries several at once
+        // (`platform.concurrency`), so few jobs need to run side by side.
+        .register(move |restarts| {
+            WorkerBuilder::new(worker_name("platform"))
+                .backend(
+                    platform
+                        .clone()
+                        .poll_with_strategy(EveryInterval::new(poll))
+                        .before_start(pause_before(restarts)),
+                )
+                .concurrency(concurrency.clamp(1, 4))
+                .parallelize(tokio::spawn)
+                .data(platform_ctx.clone())
+                .build(send_platform_events)
         })
         // Runs are long and read external APIs: one at a time per process.
         .register(move |restarts| {

@@ -12,6 +12,7 @@ pub mod events;
 pub mod findings;
 pub mod orders;
 pub mod outcomes;
+pub mod platform_events;
 pub mod platform_keys;
 pub mod reconciliations;
 pub mod tokens;
@@ -45,6 +46,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(reconciliations::router())
         .merge(tokens::router())
         .merge(platform_keys::router())
+        .merge(platform_events::router())
 }
 
 /// The body of an action that needs nothing but its reason.
