@@ -79,12 +79,14 @@ const CLAIM: &str = "
     WITH claimed AS (
         UPDATE activation_code SET state = 'redeemed', redeemed_at = now()
         WHERE code_hash = $1 AND state = 'issued' AND expires_at > now()
-        RETURNING id, last4, product_id, order_line_id
+        RETURNING id, last4, product_id, order_line_id, batch_id, expires_at
     ), detail AS (
-        SELECT c.id AS code_id, c.last4, p.sku, p.name, ol.order_id
+        SELECT c.id AS code_id, c.last4, p.sku, p.name, coalesce(ol.order_id, b.order_id) AS order_id,
+               c.batch_id, c.expires_at
         FROM claimed c
         JOIN product p ON p.id = c.product_id
         LEFT JOIN order_line ol ON ol.id = c.order_line_id
+        LEFT JOIN code_batch b ON b.id = c.batch_id
     ), assigned AS (
         INSERT INTO assignment (id, code_id, account_id, entity_ref, assigned_by)
         SELECT $2, code_id, $3, $4, $5 FROM detail
@@ -100,7 +102,9 @@ const CLAIM: &str = "
     ), told AS (
         INSERT INTO platform_event (id, type, code_id, order_id, data)
         SELECT $6, 'code.redeemed', d.code_id, d.order_id, jsonb_build_object(
-            'code_id', d.code_id, 'code_last4', d.last4, 'product_sku', d.sku, 'order_id', d.order_id,
+            'code_id', d.code_id, 'code_last4', d.last4, 'state', 'redeemed',
+            'product_sku', d.sku, 'product_name', d.name, 'order_id', d.order_id,
+            'batch_id', d.batch_id, 'expires_at', d.expires_at,
             'account_id', $3::text, 'entity_ref', $4::text, 'assignment_id', $2::uuid)
         FROM detail d
     )

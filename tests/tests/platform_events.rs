@@ -166,6 +166,25 @@ async fn events_wait_out_a_receiver_that_is_down_then_arrive_signed_and_in_order
         };
         assert_eq!(kinds, expected, "code {i}");
     }
+    // Every code event has the same common fields, whoever wrote it.
+    let common = [
+        "code_id",
+        "code_last4",
+        "state",
+        "product_sku",
+        "product_name",
+        "order_id",
+        "batch_id",
+        "expires_at",
+        "account_id",
+        "entity_ref",
+    ];
+    for r in &arrived {
+        let data = r.event["data"].as_object().unwrap();
+        let missing: Vec<_> = common.iter().filter(|k| !data.contains_key(**k)).collect();
+        assert!(missing.is_empty(), "{}: {missing:?} missing", r.kind());
+        assert!(data["batch_id"].is_string(), "{}", r.kind());
+    }
     let reassigned = arrived
         .iter()
         .find(|r| r.kind() == "code.reassigned")
@@ -406,6 +425,19 @@ async fn a_reassign_reaches_the_platform_and_rotation_replay_and_giving_up_work(
         )
         .await;
     assert_eq!(audited, 4);
+
+    // The same from a terminal.
+    let listed = app.cli(&admin, &["endpoint", "list"]).await;
+    assert!(
+        listed.contains("shop") && listed.contains(&endpoint_id),
+        "{listed}"
+    );
+    let support = app.token(Role::Support).await;
+    let log = app
+        .cli(&support, &["delivery", "list", "--code", &id.to_string()])
+        .await;
+    assert_eq!(log.matches("delivered").count(), 3, "{log}");
+    assert!(log.contains("code.unassigned"), "{log}");
     receiver.stop();
 }
 
@@ -498,5 +530,94 @@ async fn fulfilment_refunds_and_expiry_reach_the_platform_without_codes() {
             .iter()
             .all(|r| ["order.fulfilled", "code.revoked", "code.expired"].contains(&r.kind()))
     );
+
+    // Pruning takes delivered events with their deliveries and attempts,
+    // and keeps any still pending.
+    let events = app.count("SELECT count(*) FROM platform_event").await;
+    sqlx::query(
+        "UPDATE platform_delivery SET status = 'pending', due_at = now() + interval '1 day'
+         WHERE event_id = (SELECT id FROM platform_event WHERE type = 'code.expired')",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let pruned = entitle_jobs::sweep::prune(&app.pool, 0, 2).await.unwrap();
+    assert_eq!(pruned["platform_events_pruned"], events - 1, "{pruned}");
+    assert_eq!(app.count("SELECT count(*) FROM platform_event").await, 1);
+    assert_eq!(app.count("SELECT count(*) FROM platform_delivery").await, 1);
+    assert_eq!(
+        app.count("SELECT count(*) FROM platform_attempt a JOIN platform_delivery d ON d.id = a.delivery_id WHERE d.status = 'delivered'").await,
+        0
+    );
     receiver.stop();
+}
+
+/// The README's example receiver (Python, standard library only) verifies
+/// real events: a third implementation of the signature.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_receiver_verifies_and_prints_each_event_once() {
+    use tokio::io::AsyncBufReadExt;
+
+    let secret = Secret::generate().expose();
+    let port = free_port();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../ops/examples/receiver.py");
+    let mut child = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(port.to_string())
+        .env("ENTITLE_EVENTS_SECRET", &secret)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 runs the example receiver");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let app = TestApp::spawn_configured(
+        Options {
+            smtp: false,
+            worker: true,
+        },
+        fast_retries(json!({ "endpoints": [{
+            "name": "example", "url": Receiver::url_on(port), "secret": secret
+        }] })),
+    )
+    .await;
+    let codes = app.batch_codes("KIT-BASIC", 2).await;
+    for code in &codes {
+        code_id(&app, code).await;
+    }
+    let mut printed = Vec::new();
+    while printed.len() < 2 {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("the receiver prints each event")
+            .unwrap()
+            .expect("the receiver is running");
+        printed.push(serde_json::from_str::<Value>(&line).unwrap());
+    }
+    assert!(printed.iter().all(|e| e["type"] == "code.redeemed"));
+    all_delivered(&app, 2).await;
+    // A replay is answered 2xx but not printed again.
+    let delivery: Uuid = sqlx::query_scalar("SELECT id FROM platform_delivery LIMIT 1")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let operator = app.token(Role::Operator).await;
+    act(
+        &app,
+        &operator,
+        format!("/admin/v1/platform/deliveries/{delivery}/replay"),
+        json!({ "reason": "dedupe check" }),
+    )
+    .await;
+    all_delivered(&app, 2).await;
+    let attempts = app
+        .count("SELECT count(*) FROM platform_attempt WHERE status_code = 204")
+        .await;
+    assert_eq!(attempts, 3, "the replay was accepted");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), lines.next_line())
+            .await
+            .is_err(),
+        "a duplicate is not printed"
+    );
+    child.kill().await.ok();
 }

@@ -84,6 +84,12 @@ pub enum Command {
     /// The platform's API keys for /v1 (admin).
     #[command(subcommand)]
     PlatformKey(PlatformKeyCommand),
+    /// Where the platform's events go (list: support; changes: admin).
+    #[command(subcommand)]
+    Endpoint(EndpointCommand),
+    /// The platform events' delivery log (support) and replay (operator).
+    #[command(subcommand)]
+    Delivery(DeliveryCommand),
     /// Products and their channel references.
     #[command(subcommand)]
     Products(ProductsCommand),
@@ -309,6 +315,63 @@ pub enum PlatformKeyCommand {
     },
     Revoke {
         name: String,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EndpointCommand {
+    List,
+    /// Creates an endpoint and prints its signing secret (shown once).
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        url: String,
+        /// An event type it hears (repeat); none: every type.
+        #[arg(long = "event")]
+        events: Vec<String>,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Prints a new secret; the old one signs beside it for a while.
+    Rotate {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    Disable {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    Enable {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeliveryCommand {
+    /// Deliveries, newest event first.
+    List {
+        /// pending, delivered or failed.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        endpoint: Option<String>,
+        #[arg(long)]
+        code: Option<String>,
+        #[arg(long)]
+        order: Option<String>,
+    },
+    /// One delivery with every attempt.
+    Show { id: String },
+    /// Sends a delivery again now, under the same webhook-id.
+    Replay {
+        id: String,
         #[arg(long)]
         reason: String,
     },
@@ -596,6 +659,33 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
         }
         Command::Token(TokenCommand::Revoke { name, reason }) => {
             api.post(&format!("/admin/v1/tokens/{name}/revoke"), json!({ "reason": reason })).await?
+        }
+        Command::Endpoint(EndpointCommand::List) => {
+            let endpoints = api.get("/admin/v1/platform/endpoints", &[]).await?;
+            return print(out, &cli, &endpoints, |out, v| rows(out, &v["endpoints"], &["id", "name", "url", "source", "event_types", "disabled_at"]));
+        }
+        Command::Endpoint(EndpointCommand::Create { name, url, events, reason }) => {
+            api.post("/admin/v1/platform/endpoints", json!({ "name": name, "url": url, "event_types": events, "reason": reason })).await?
+        }
+        Command::Endpoint(EndpointCommand::Rotate { id, reason }) => {
+            api.post(&format!("/admin/v1/platform/endpoints/{id}/rotate"), json!({ "reason": reason })).await?
+        }
+        Command::Endpoint(EndpointCommand::Disable { id, reason }) => {
+            api.post(&format!("/admin/v1/platform/endpoints/{id}/disable"), json!({ "reason": reason })).await?
+        }
+        Command::Endpoint(EndpointCommand::Enable { id, reason }) => {
+            api.post(&format!("/admin/v1/platform/endpoints/{id}/enable"), json!({ "reason": reason })).await?
+        }
+        Command::Delivery(DeliveryCommand::List { status, endpoint, code, order }) => {
+            let query = [("status", status.clone()), ("endpoint", endpoint.clone()), ("code_id", code.clone()), ("order_id", order.clone())];
+            let deliveries = api.get("/admin/v1/platform/deliveries", &query).await?;
+            return print(out, &cli, &deliveries, |out, v| rows(out, &v["deliveries"], &["id", "event_type", "seq", "endpoint", "status", "attempts", "last_status", "last_error", "due_at"]));
+        }
+        Command::Delivery(DeliveryCommand::Show { id }) => {
+            api.get(&format!("/admin/v1/platform/deliveries/{id}"), &[]).await?
+        }
+        Command::Delivery(DeliveryCommand::Replay { id, reason }) => {
+            api.post(&format!("/admin/v1/platform/deliveries/{id}/replay"), json!({ "reason": reason })).await?
         }
         Command::Products(ProductsCommand::List) => {
             let products = api.get("/admin/v1/products", &[]).await?;
