@@ -20,6 +20,21 @@ pub struct Floor {
 pub enum FloorKind {
     /// One ~1.6 KB JSON document inserted per transaction.
     JsonInsert,
+    /// One single-row `UPDATE ... WHERE id = :id` by primary key per
+    /// transaction, over a table of this many rows (spread so that clients
+    /// rarely wait on each other's row locks, as redeemers of distinct codes
+    /// do not).
+    UpdateByKey { rows: u64 },
+}
+
+impl FloorKind {
+    /// What the floor commits, for the figures' captions.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            FloorKind::JsonInsert => "one ~1.6 KB JSON insert per transaction",
+            FloorKind::UpdateByKey { .. } => "one single-row update by primary key per transaction",
+        }
+    }
 }
 
 /// A body of about 1.6 KB, shaped like a native purchase event.
@@ -57,6 +72,29 @@ pub async fn measure(
                 format!(
                     "\\set n random(1, 1000000000)\n\
                      INSERT INTO bench_floor (event_id, body) VALUES ('evt_' || :n, '{body}');\n"
+                ),
+            )?;
+        }
+        FloorKind::UpdateByKey { rows } => {
+            sqlx::raw_sql(
+                "DROP TABLE IF EXISTS bench_floor;
+                 CREATE TABLE bench_floor (id bigint PRIMARY KEY, hits bigint NOT NULL DEFAULT 0)",
+            )
+            .execute(&pool)
+            .await?;
+            sqlx::query("INSERT INTO bench_floor (id) SELECT generate_series(1, $1)")
+                .bind(rows.max(1) as i64)
+                .execute(&pool)
+                .await?;
+            sqlx::raw_sql("VACUUM ANALYZE bench_floor")
+                .execute(&pool)
+                .await?;
+            std::fs::write(
+                &script,
+                format!(
+                    "\\set id random(1, {rows})\n\
+                     UPDATE bench_floor SET hits = hits + 1 WHERE id = :id;\n",
+                    rows = rows.max(1)
                 ),
             )?;
         }

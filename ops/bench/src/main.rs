@@ -1,5 +1,6 @@
 //! Entitle's benchmarks, run by `ops/bench.sh`: the pipeline on the release
-//! binaries (intake, drains, steady latency; see [`pipeline`]), the queue
+//! binaries (intake, drains, steady latency; see [`pipeline`]), redemptions
+//! and code checks through the platform API (see [`redeem`]), the queue
 //! engines compared, a reconciliation run over 1,000,000 Stripe orders
 //! against a generated stand-in of Stripe's API, and the expiry sweep over
 //! 1,000,000 expiring codes among 5,000,000. Each prints its figures next to
@@ -11,6 +12,7 @@ mod engines;
 mod floor;
 mod load;
 mod pipeline;
+mod redeem;
 mod seed;
 mod sink;
 mod stack;
@@ -50,7 +52,7 @@ struct Cli {
     orders: i64,
     /// Codes in the database for the expiry sweep.
     #[arg(long, default_value_t = 5_000_000)]
-    codes: i64,
+    expiry_codes: i64,
     /// Of those, how many are past their expiry.
     #[arg(long, default_value_t = 1_000_000)]
     expiring: i64,
@@ -72,14 +74,17 @@ struct Cli {
     /// Pipeline: seconds of the steady phase.
     #[arg(long, default_value_t = 30)]
     steady_secs: u64,
-    /// Pipeline: connections posting webhooks at once.
+    /// Redeem: codes redeemed, each once; check: as many fresh codes checked.
+    #[arg(long, default_value_t = 80_000)]
+    codes: usize,
+    /// Pipeline, redeem and check: connections posting at once.
     #[arg(long, default_value_t = 16)]
     connections: usize,
-    /// Pipeline: Postgres connections per Entitle process.
+    /// Pipeline, redeem and check: Postgres connections per Entitle process.
     #[arg(long, default_value_t = 10)]
     pool_size: u32,
-    /// Pipeline: a setting layered over Entitle's configuration, e.g.
-    /// `--set worker.concurrency=8` (repeatable).
+    /// Pipeline, redeem and check: a setting layered over Entitle's
+    /// configuration, e.g. `--set worker.concurrency=8` (repeatable).
     #[arg(long = "set")]
     settings: Vec<String>,
     #[command(subcommand)]
@@ -96,6 +101,12 @@ enum Which {
     /// The queue engines Entitle could run on (apalis-postgres, the bounded
     /// Redis window it runs, apalis-redis unbounded), on the same drain.
     Engines,
+    /// Every code of a batch redeemed once through `POST /v1/redemptions`,
+    /// against a floor of one single-row update by primary key.
+    Redeem,
+    /// Fresh codes checked through `POST /v1/codes/check`, against the same
+    /// floor.
+    Check,
     Reconcile,
     Expiry,
     /// All of them (the default).
@@ -122,8 +133,10 @@ impl Figure {
     }
 
     fn print(&self) {
+        // Ratios to a floor are read to the hundredth (0.35 is not 0.3).
+        let digits = if self.unit.starts_with('×') { 2 } else { 1 };
         println!(
-            "  {:<34} {:>12.1} {:<9} {} {:>10.1}  {}",
+            "  {:<38} {:>12.digits$} {:<9} {} {:>10.digits$}  {}",
             self.what,
             self.value,
             self.unit,
@@ -230,14 +243,14 @@ async fn bench_reconcile(cli: &Cli) -> anyhow::Result<Vec<Figure>> {
 async fn bench_expiry(cli: &Cli) -> anyhow::Result<Vec<Figure>> {
     println!(
         "expiry sweep: {} expiring codes among {}",
-        cli.expiring, cli.codes
+        cli.expiring, cli.expiry_codes
     );
     let ctx = context(cli, "entitle_bench_expiry", json!({})).await?;
     let seeding = Instant::now();
-    seed::codes(&ctx.pool, cli.codes, cli.expiring).await?;
+    seed::codes(&ctx.pool, cli.expiry_codes, cli.expiring).await?;
     println!(
         "  seeded {} codes in {:.1} s (not measured)",
-        cli.codes,
+        cli.expiry_codes,
         seeding.elapsed().as_secs_f64()
     );
     let batch = i64::from(ctx.config.schedule.batch_size);
@@ -321,6 +334,22 @@ async fn main() -> anyhow::Result<()> {
                 settings: cli.settings.clone(),
                 keep: cli.keep,
                 intake_only: matches!(which, Which::Intake),
+            })
+            .await?,
+        );
+    }
+    if matches!(which, Which::Redeem | Which::Check | Which::All) {
+        figures.extend(
+            redeem::run(&redeem::Options {
+                admin_url: cli.database_url.clone(),
+                redis_url: cli.redis_url.clone(),
+                codes: cli.codes,
+                connections: cli.connections,
+                pool_size: cli.pool_size,
+                settings: cli.settings.clone(),
+                keep: cli.keep,
+                redeem: matches!(which, Which::Redeem | Which::All),
+                check: matches!(which, Which::Check | Which::All),
             })
             .await?,
         );

@@ -1,10 +1,15 @@
 //! Seeding the benchmark databases in Postgres itself (generate_series), so
-//! millions of rows cost the benchmark process nothing.
+//! millions of rows cost the benchmark process nothing; and batch codes the
+//! benchmark must type back, drawn here and inserted as arrays.
 
 use sqlx::{Connection, PgConnection, PgPool};
+use uuid::Uuid;
 
 use crate::standin::amount_differs;
-use entitle_jobs::reconcile::Window;
+use entitle_jobs::{
+    code::{Code, CodeKeys},
+    reconcile::Window,
+};
 
 /// Drops and creates database `name` beside the admin URL's; returns its URL.
 pub async fn fresh_database(admin_url: &str, name: &str) -> anyhow::Result<String> {
@@ -140,4 +145,58 @@ pub async fn codes(pool: &PgPool, codes: i64, expiring: i64) -> anyhow::Result<(
     .await?;
     sqlx::query("ANALYZE").execute(&mut *conn).await?;
     Ok(())
+}
+
+/// A batch of `n` KIT-BASIC codes, hashed and sealed with `keys` as the
+/// gateway's own issuance does (`issuance::issue_batch_codes`); returns the
+/// plain codes, which only a benchmark ever gets back.
+pub async fn batch_codes(
+    pool: &PgPool,
+    keys: &CodeKeys,
+    batch: Uuid,
+    n: usize,
+) -> anyhow::Result<Vec<Code>> {
+    let mut tx = pool.begin().await?;
+    // Seeding is not measured; LOCAL keeps the setting off the pool.
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO code_batch (id, product_id, kind, quantity, requested_by, reason)
+         SELECT $1, id, 'partner_distribution', $2, 'benchmark', 'benchmark'
+         FROM product WHERE sku = 'KIT-BASIC'",
+    )
+    .bind(batch)
+    .bind(n.clamp(1, i32::MAX as usize) as i32)
+    .execute(&mut *tx)
+    .await?;
+    let mut codes = Vec::with_capacity(n);
+    while codes.len() < n {
+        let chunk: Vec<Code> = (0..(n - codes.len()).min(10_000))
+            .map(|_| Code::generate())
+            .collect();
+        let ids: Vec<Uuid> = chunk.iter().map(|_| Uuid::now_v7()).collect();
+        let hashes: Vec<Vec<u8>> = chunk.iter().map(|c| keys.hash(c)).collect();
+        let sealed: Vec<Vec<u8>> = chunk.iter().map(|c| keys.seal(c)).collect();
+        let last4: Vec<&str> = chunk.iter().map(|c| c.last4()).collect();
+        sqlx::query(
+            "INSERT INTO activation_code (id, product_id, code_hash, code_sealed, last4, batch_id,
+                                          expires_at)
+             SELECT u.id, b.product_id, u.hash, u.sealed, u.last4, b.id,
+                    now() + make_interval(days => p.validity_days)
+             FROM UNNEST($1::uuid[], $2::bytea[], $3::bytea[], $4::text[]) AS u(id, hash, sealed, last4)
+             JOIN code_batch b ON b.id = $5
+             JOIN product p ON p.id = b.product_id",
+        )
+        .bind(&ids)
+        .bind(&hashes)
+        .bind(&sealed)
+        .bind(&last4)
+        .bind(batch)
+        .execute(&mut *tx)
+        .await?;
+        codes.extend(chunk);
+    }
+    tx.commit().await?;
+    Ok(codes)
 }

@@ -26,6 +26,8 @@ pub struct Stack {
     pub name: String,
     pub dir: PathBuf,
     pub config: PathBuf,
+    /// The benchmark database's URL (what the floor's pgbench connects to).
+    pub database_url: String,
     pub pool: PgPool,
     pub gateway_url: String,
     pub sink: Sink,
@@ -63,8 +65,8 @@ fn binaries() -> anyhow::Result<PathBuf> {
 impl Stack {
     /// A fresh database `name` with the schema and catalogue, a config file
     /// and the SMTP sink; nothing runs until asked. `settings` are
-    /// `section.key=value` pairs layered over the configuration (as
-    /// `ENTITLE_SECTION__KEY` environment variables).
+    /// `section.key=value` pairs (or `section.table.key=value`) layered over
+    /// the configuration (as `ENTITLE_SECTION__KEY` environment variables).
     pub async fn prepare(
         admin_url: &str,
         redis_url: &str,
@@ -124,11 +126,12 @@ message_id_domain = "entitle.bench"
             let (key, value) = setting
                 .split_once('=')
                 .with_context(|| format!("--set {setting}: expected section.key=value"))?;
-            let (section, key) = key
-                .split_once('.')
-                .with_context(|| format!("--set {setting}: expected section.key=value"))?;
+            if !key.contains('.') {
+                bail!("--set {setting}: expected section.key=value");
+            }
+            // Nested tables too: `gateway.limits.per_key_per_second`.
             env.push((
-                format!("ENTITLE_{}__{}", section.to_uppercase(), key.to_uppercase()),
+                format!("ENTITLE_{}", key.to_uppercase().replace('.', "__")),
                 value.to_owned(),
             ));
         }
@@ -137,7 +140,10 @@ message_id_domain = "entitle.bench"
             name: name.to_owned(),
             dir,
             config,
-            pool: PgPool::connect(&database_url).await?,
+            // Named, so profiles of the gateway's connections leave it out.
+            pool: PgPool::connect(&format!("{database_url}?application_name=entitle-bench"))
+                .await?,
+            database_url,
             gateway_url: format!("http://127.0.0.1:{port}"),
             sink,
             binaries,
