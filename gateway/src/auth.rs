@@ -1,5 +1,6 @@
 //! Who is calling the admin API: a bearer token, looked up by its hash, gives
-//! a name (the actor in every audit event) and a role.
+//! a name (the actor in every audit event) and a role. Failed attempts are
+//! limited per client address (see [`crate::auth_limit`]).
 
 use axum::{
     extract::FromRequestParts,
@@ -43,6 +44,11 @@ impl FromRequestParts<AppState> for Actor {
         let unauthorized = |detail: &str| {
             ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", detail.to_owned())
         };
+        // An address over its failures is refused before any look-up, a
+        // good token too: a guess that happens to be right must not show.
+        let address = crate::platform::client_address(parts);
+        let failures = crate::auth_limit::of(state);
+        failures.admit(address)?;
         let token = bearer(parts).ok_or_else(|| {
             unauthorized("send Authorization: Bearer <token> (the scheme in any case)")
         })?;
@@ -53,9 +59,14 @@ impl FromRequestParts<AppState> for Actor {
                 "a platform key cannot call the admin API; use a staff token",
             ));
         }
+        // Only a token that was checked and is wrong counts as a failure: a
+        // missing header or a platform key tells nothing about any token.
         match token::authenticate(&state.ctx.pool, token).await? {
             Some((name, role)) => Ok(Actor { name, role }),
-            None => Err(unauthorized("unknown or revoked token")),
+            None => {
+                failures.failed(address)?;
+                Err(unauthorized("unknown or revoked token"))
+            }
         }
     }
 }

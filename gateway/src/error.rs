@@ -47,6 +47,23 @@ impl ApiError {
         self
     }
 
+    /// A database failure: `503 database_unavailable` with `Retry-After`
+    /// while Postgres is down or busy (the client retries; nothing was
+    /// done), else a failure of ours.
+    pub fn database(e: &sqlx::Error) -> Self {
+        if entitle_jobs::db::unavailable(e) {
+            tracing::warn!(error = %e, "Postgres is unavailable; answering 503");
+            metrics::counter!("entitle_database_unavailable_total").increment(1);
+            return Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database_unavailable",
+                "the database is unavailable for now; try again shortly",
+            )
+            .retry_after(5);
+        }
+        Self::internal(e)
+    }
+
     /// A failure of ours; the cause is logged, not answered.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "request failed");
@@ -76,7 +93,7 @@ impl IntoResponse for ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        ApiError::internal(e)
+        ApiError::database(&e)
     }
 }
 
@@ -98,7 +115,7 @@ impl From<entitle_jobs::lifecycle::Refused> for ApiError {
                 "forbidden",
                 format!("this needs the {} role", role.as_str()),
             ),
-            Refused::Database(e) => ApiError::internal(e),
+            Refused::Database(e) => ApiError::database(&e),
         }
     }
 }

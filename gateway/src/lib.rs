@@ -14,6 +14,7 @@ use tower_http::{
 
 pub mod admin;
 pub mod auth;
+pub mod auth_limit;
 pub mod console;
 pub mod error;
 pub mod openapi;
@@ -85,7 +86,8 @@ pub async fn run(
     // They have connections of their own: however busy the platform API or
     // the admin API keep the main pool, webhooks are filed without waiting.
     let writers = (ctx.config.database.max_connections / 4).max(1);
-    let intake_pool = entitle_jobs::db::connect_sized(&ctx.config.database, writers).await?;
+    let intake_pool =
+        entitle_jobs::db::connect_sized(&ctx.config.gateway_database(), writers).await?;
     let state = AppState {
         intake: entitle_jobs::inbox::Intake::start(intake_pool, writers as usize),
         platform: Arc::new(platform::Gate::new(&ctx.config.gateway)),

@@ -44,6 +44,19 @@ enum Command {
         #[arg(long, default_value = "bootstrap")]
         reason: String,
     },
+    /// Make the database's catalogue the file's, whatever its version
+    /// (audited as catalogue.synced), then exit.
+    SyncCatalogue {
+        #[arg(long)]
+        reason: String,
+    },
+    /// Seal every stored code and endpoint secret again with the current
+    /// codes.seal_key (after a rotation), then exit.
+    Reseal {
+        /// Codes per transaction.
+        #[arg(long, default_value_t = 1000)]
+        batch: i64,
+    },
     /// Create a staff account for the support console (the first admin's,
     /// to bootstrap). The password is read from ENTITLE_STAFF_PASSWORD, or
     /// generated and printed once.
@@ -65,7 +78,8 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     entitle_jobs::telemetry::init_logging();
     let cli = Cli::parse();
-    let config = Config::load(cli.config.as_deref())?;
+    let mut config = Config::load(cli.config.as_deref())?;
+    config.database = config.gateway_database();
     let listen = config.gateway.listen;
     let ctx = Context::connect(config).await?;
     ctx.prepare().await?;
@@ -82,6 +96,34 @@ async fn main() -> anyhow::Result<()> {
                     .await?;
             // The only time the token is shown.
             println!("{token}");
+            return Ok(());
+        }
+        Some(Command::Reseal { batch }) => {
+            let done = entitle_jobs::reseal::reseal(&ctx.pool, &ctx.keys, batch.max(1)).await?;
+            println!(
+                "{} codes sealed again, {} already current, {} unreadable; {} endpoint secrets sealed again",
+                done.codes, done.current, done.unreadable, done.endpoint_secrets
+            );
+            if done.unreadable > 0 {
+                anyhow::bail!(
+                    "{} codes open with no configured key: keep their key in codes.previous_seal_keys",
+                    done.unreadable
+                );
+            }
+            return Ok(());
+        }
+        Some(Command::SyncCatalogue { reason }) => {
+            let file = &ctx.config.catalogue.file;
+            let catalogue = entitle_jobs::catalogue::Catalogue::load(file)?;
+            catalogue
+                .sync(&ctx.pool, "operator:command-line", &reason)
+                .await?;
+            println!(
+                "catalogue version {} from {} synced: {} products",
+                catalogue.version,
+                file.display(),
+                catalogue.product.len()
+            );
             return Ok(());
         }
         Some(Command::CreatePlatformKey { name, reason }) => {

@@ -1,7 +1,7 @@
 //! Batches: codes created outside checkout (customer service, partner
 //! distribution, test accounts, replacements), optionally emailed at once,
-//! and their one-time CSV export. The admin API and the console both call
-//! these.
+//! and their CSV export (one holder, downloadable again for a short window).
+//! The admin API and the console both call these.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -82,7 +82,8 @@ pub struct Created {
     /// The first hundred codes, by their last four symbols.
     pub codes: Vec<CodeRef>,
     pub delivery: Option<Uuid>,
-    /// Where the codes can be downloaded, once.
+    /// Where the codes are downloaded (by one actor, again within
+    /// `codes.export_window_secs` of the first download).
     pub export: String,
 }
 
@@ -195,39 +196,76 @@ pub async fn create(
     })
 }
 
-/// The batch's codes as CSV, once: a second export is refused, so a partner
-/// file exists in one copy; only the same request again (`key`, a form's
-/// one-time key) gets the file again, unchanged. Audited as `batch.exported`.
+/// A batch's first download, when the window to download it again ends,
+/// and whether it is still open (both `None`, and open, before the first).
+type ExportState = (Option<DateTime<Utc>>, Option<DateTime<Utc>>, bool);
+
+/// The batch's codes as CSV. The first download takes the file for its
+/// actor; that actor may download it again for `codes.export_window_secs`
+/// after it, so a dropped connection does not lose the codes, and nobody
+/// else ever may (`export_taken_by_another`); after the window, nobody
+/// (`export_window_closed`): a partner file exists in one copy, with one
+/// holder. Every download is audited as `batch.exported`, numbered.
 pub async fn export(
     conn: &mut PgConnection,
     ctx: &Context,
     who: Who<'_>,
     id: Uuid,
-    key: Option<&str>,
 ) -> Result<String, Refused> {
-    let exported: Option<(Option<DateTime<Utc>>, Option<String>)> =
-        sqlx::query_as("SELECT exported_at, export_key FROM code_batch WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?;
-    let replay = match exported {
-        None => return Err(Refused::NotFound("batch")),
-        Some((Some(_), Some(stored))) if key == Some(stored.as_str()) => true,
-        Some((Some(at), _)) => {
+    let window = ctx.config.codes.export_window_secs as f64;
+    // Locked: two downloads at once are numbered one after the other, and
+    // the first of two different actors takes the file.
+    let batch: Option<ExportState> = sqlx::query_as(
+        "SELECT exported_at, exported_at + make_interval(secs => $2),
+                coalesce(now() < exported_at + make_interval(secs => $2), true)
+         FROM code_batch WHERE id = $1 FOR UPDATE",
+    )
+    .bind(id)
+    .bind(window)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let (first, until, open) = batch.ok_or(Refused::NotFound("batch"))?;
+    // The audit log is the record of who downloaded it, and how often.
+    let (holder, downloads): (Option<String>, i64) = sqlx::query_as(
+        "SELECT (array_agg(actor ORDER BY id))[1], count(*) FROM audit_event
+         WHERE subject_type = 'batch' AND subject_id = $1 AND action = 'batch.exported'",
+    )
+    .bind(id.to_string())
+    .fetch_one(&mut *conn)
+    .await?;
+    if let Some(at) = first {
+        let holder = holder.unwrap_or_default();
+        if holder != who.actor {
             return Err(Refused::conflict(
-                "batch_already_exported",
-                format!("exported at {at}"),
+                "export_taken_by_another",
+                format!(
+                    "{holder} downloaded these codes at {at}; only they may download them again"
+                ),
             ));
         }
-        Some((None, _)) => false,
-    };
-    if !replay {
-        sqlx::query("UPDATE code_batch SET exported_at = now(), export_key = $2 WHERE id = $1")
-            .bind(id)
-            .bind(key)
-            .execute(&mut *conn)
-            .await?;
+        if !open {
+            return Err(Refused::conflict(
+                "export_window_closed",
+                format!(
+                    "downloaded at {at}; it could be downloaded again until {}",
+                    until.unwrap_or(at)
+                ),
+            ));
+        }
     }
+    let until: Option<DateTime<Utc>> = match first {
+        Some(_) => until,
+        None => Some(
+            sqlx::query_scalar(
+                "UPDATE code_batch SET exported_at = now() WHERE id = $1
+                 RETURNING exported_at + make_interval(secs => $2)",
+            )
+            .bind(id)
+            .bind(window)
+            .fetch_one(&mut *conn)
+            .await?,
+        ),
+    };
     let rows = sqlx::query(
         "SELECT c.code_sealed, c.state, c.expires_at, p.sku FROM activation_code c
          JOIN product p ON p.id = c.product_id WHERE c.batch_id = $1 ORDER BY c.id",
@@ -235,40 +273,30 @@ pub async fn export(
     .bind(id)
     .fetch_all(&mut *conn)
     .await?;
-    let mut csv = csv::WriterBuilder::new()
-        .terminator(csv::Terminator::CRLF)
-        .from_writer(Vec::new());
-    let write = |e: csv::Error| sqlx::Error::Protocol(format!("writing the CSV: {e}"));
-    csv.write_record(["code", "product", "state", "valid_until"])
-        .map_err(write)?;
+    let mut sheet = crate::csv_cells::Sheet::new();
+    sheet.row(["code", "product", "state", "valid_until"]);
     for row in &rows {
         let code = ctx
             .keys
             .unseal(&row.get::<Vec<u8>, _>("code_sealed"))
             .map_err(|e| sqlx::Error::Protocol(format!("a sealed code: {e}")))?;
         let expires: DateTime<Utc> = row.get("expires_at");
-        csv.write_record([
+        sheet.row([
             code.display().to_string(),
             row.get::<String, _>("sku"),
             row.get::<String, _>("state"),
             expires.format("%Y-%m-%d").to_string(),
-        ])
-        .map_err(write)?;
-    }
-    let csv = csv
-        .into_inner()
-        .map_err(|e| sqlx::Error::Protocol(format!("writing the CSV: {e}")))?;
-    if replay {
-        return Ok(String::from_utf8(csv).unwrap_or_default());
+        ]);
     }
     who.audit(
         conn,
         "batch.exported",
         "batch",
         id.to_string(),
-        json!({ "before": { "exported": false },
-                "after": { "exported": true, "codes": rows.len() } }),
+        json!({ "before": { "exported": first.is_some(), "downloads": downloads },
+                "after": { "exported": true, "downloads": downloads + 1, "codes": rows.len(),
+                           "again_until": until } }),
     )
     .await?;
-    Ok(String::from_utf8(csv).unwrap_or_default())
+    Ok(String::from_utf8(sheet.into_bytes()).unwrap_or_default())
 }

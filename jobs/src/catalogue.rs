@@ -1,23 +1,52 @@
-//! The product catalogue: read from a TOML file at start and synchronised into
-//! `product` and `channel_product`, so products change without code.
+//! The product catalogue: read from a TOML file and synchronised into
+//! `product` and `channel_product`, so products change without code. The
+//! database changes only by an explicit, audited sync: `products reload`
+//! (admin API, `entitlectl`, `entitle-gateway sync-catalogue`), or the first
+//! process to start with a higher `version` in its file. A process whose
+//! file differs at the same or a lower version reports it (a log line, a
+//! finding, a metric) and runs with the database's catalogue: several
+//! processes with different files never overwrite each other in turn.
 
 use std::{collections::HashMap, path::Path};
 
 use anyhow::{Context as _, bail};
-use serde::Deserialize;
-use sqlx::PgPool;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use crate::{
+    audit::{self, AuditEvent},
+    finding::{self, NewFinding},
+};
+
 /// The catalogue file's contents.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Catalogue {
+    /// Raise it with each change meant to reach the database at the next
+    /// start (or sync explicitly).
+    #[serde(default)]
+    pub version: u64,
     #[serde(default)]
     pub product: Vec<ProductEntry>,
 }
 
+/// What starting with a catalogue did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AtStart {
+    /// The database had this catalogue already.
+    Unchanged,
+    /// The database had none, or an older version: it has this one now.
+    Synced { from: Option<u64> },
+    /// The file differs from the database's catalogue at the same or a
+    /// lower version: not synced, reported.
+    Differs { database: u64, file: u64 },
+}
+
 /// One `[[product]]` of the catalogue file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProductEntry {
     pub sku: String,
@@ -107,17 +136,102 @@ impl Catalogue {
         Ok(())
     }
 
-    /// Makes the database match the catalogue, in one transaction. Products
-    /// dropped from the file are deactivated, not deleted: codes refer to them.
-    pub async fn sync(&self, pool: &PgPool) -> anyhow::Result<()> {
+    /// A hash of the catalogue's content: what tells two files apart.
+    pub fn hash(&self) -> Vec<u8> {
+        let canonical = serde_json::to_vec(self).expect("a catalogue serialises");
+        Sha256::digest(canonical).to_vec()
+    }
+
+    /// Makes the database match the catalogue in one transaction, and
+    /// records its version, audited as `catalogue.synced` by `actor` with
+    /// `reason`. Products dropped from the file are deactivated, not
+    /// deleted: codes refer to them.
+    pub async fn sync(&self, pool: &PgPool, actor: &str, reason: &str) -> anyhow::Result<()> {
         let mut tx = pool
             .begin()
             .await
             .context("Failed to begin catalogue sync")?;
-        // Serialise concurrent syncs from several processes starting at once.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('entitle.catalogue_sync'))")
-            .execute(&mut *tx)
-            .await?;
+        lock(&mut tx).await?;
+        let before = state(&mut tx).await?.map(|(version, _)| version);
+        self.apply(&mut tx, actor, reason, before).await?;
+        tx.commit()
+            .await
+            .context("Failed to commit catalogue sync")?;
+        Ok(())
+    }
+
+    /// What a starting process does: syncs when the database has no
+    /// catalogue or an older version, does nothing when it has this one,
+    /// and otherwise reports the difference (a finding, once per pair of
+    /// catalogues) and leaves the database's catalogue in force.
+    pub async fn at_start(&self, pool: &PgPool, process: &str) -> anyhow::Result<AtStart> {
+        let mut tx = pool
+            .begin()
+            .await
+            .context("Failed to begin catalogue sync")?;
+        lock(&mut tx).await?;
+        let hash = self.hash();
+        let outcome = match state(&mut tx).await? {
+            Some((_, current)) if current == hash => AtStart::Unchanged,
+            None => {
+                self.apply(&mut tx, process, "the first process of this database", None)
+                    .await?;
+                AtStart::Synced { from: None }
+            }
+            Some((database, _)) if self.version > database => {
+                let reason = format!(
+                    "the first process of catalogue version {} (was {database})",
+                    self.version
+                );
+                self.apply(&mut tx, process, &reason, Some(database))
+                    .await?;
+                AtStart::Synced {
+                    from: Some(database),
+                }
+            }
+            Some((database, current)) => {
+                let detail = format!(
+                    "{process} started with a catalogue file (version {}) that differs from the \
+                     database's (version {database}); it was not synced. Raise `version` in the \
+                     file to roll it out, or run `entitlectl products reload`; until then every \
+                     process uses the database's catalogue",
+                    self.version
+                );
+                finding::record(
+                    &mut tx,
+                    process,
+                    NewFinding {
+                        kind: "catalogue_differs",
+                        order_id: None,
+                        code_id: None,
+                        channel: None,
+                        channel_reference: None,
+                        detail,
+                        action_taken: None,
+                        dedupe_key: format!("catalogue_differs:{}:{}", hex(&current), hex(&hash)),
+                        run_id: None,
+                    },
+                )
+                .await?;
+                AtStart::Differs {
+                    database,
+                    file: self.version,
+                }
+            }
+        };
+        tx.commit()
+            .await
+            .context("Failed to commit catalogue sync")?;
+        Ok(outcome)
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        actor: &str,
+        reason: &str,
+        before: Option<u64>,
+    ) -> anyhow::Result<()> {
         let skus: Vec<&str> = self.product.iter().map(|p| p.sku.as_str()).collect();
         for p in &self.product {
             sqlx::query(
@@ -155,11 +269,58 @@ impl Catalogue {
             .execute(&mut *tx)
             .await?;
         }
-        tx.commit()
-            .await
-            .context("Failed to commit catalogue sync")?;
+        sqlx::query(
+            "INSERT INTO catalogue_state (singleton, version, hash, products, synced_by)
+             VALUES (true, $1, $2, $3, $4)
+             ON CONFLICT (singleton) DO UPDATE SET version = excluded.version,
+                 hash = excluded.hash, products = excluded.products,
+                 synced_at = now(), synced_by = excluded.synced_by",
+        )
+        .bind(self.version as i64)
+        .bind(self.hash())
+        .bind(self.product.len() as i32)
+        .bind(actor)
+        .execute(&mut *tx)
+        .await?;
+        audit::record(
+            tx,
+            AuditEvent {
+                actor,
+                action: "catalogue.synced",
+                subject_type: "catalogue",
+                subject_id: "catalogue".to_owned(),
+                reason: Some(reason),
+                data: json!({
+                    "before": { "version": before },
+                    "after": { "version": self.version, "hash": hex(&self.hash()), "products": self.product.len() },
+                }),
+            },
+        )
+        .await?;
         Ok(())
     }
+}
+
+/// Serialises syncs from several processes starting at once.
+async fn lock(tx: &mut PgConnection) -> sqlx::Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('entitle.catalogue_sync'))")
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// The database's catalogue version and hash, if it has one.
+async fn state(tx: &mut PgConnection) -> sqlx::Result<Option<(u64, Vec<u8>)>> {
+    let row: Option<(i64, Vec<u8>)> =
+        sqlx::query_as("SELECT version, hash FROM catalogue_state WHERE singleton")
+            .fetch_optional(&mut *tx)
+            .await?;
+    Ok(row.map(|(version, hash)| (version as u64, hash)))
+}
+
+/// A short form of a hash, for people: its first 8 bytes in hex.
+fn hex(bytes: &[u8]) -> String {
+    hex::encode(&bytes[..bytes.len().min(8)])
 }
 
 fn toml_from_str(text: &str) -> anyhow::Result<Catalogue> {

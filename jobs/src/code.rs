@@ -134,6 +134,9 @@ fn check_value(values: &[u8]) -> u8 {
 pub struct CodeKeys {
     hash_key: [u8; 32],
     seal: XChaCha20Poly1305,
+    /// Earlier sealing keys (`codes.previous_seal_keys`), newest first:
+    /// what they sealed still opens, until `reseal` moves it to `seal`.
+    previous: Vec<XChaCha20Poly1305>,
 }
 
 impl std::fmt::Debug for CodeKeys {
@@ -149,9 +152,19 @@ pub struct UnsealError;
 
 impl CodeKeys {
     pub fn new(hash_key: [u8; 32], seal_key: [u8; 32]) -> Self {
+        Self::rotated(hash_key, seal_key, &[])
+    }
+
+    /// Keys during a rotation of the sealing key: everything is sealed with
+    /// `seal_key`, and what `previous` sealed still opens.
+    pub fn rotated(hash_key: [u8; 32], seal_key: [u8; 32], previous: &[[u8; 32]]) -> Self {
         Self {
             hash_key,
             seal: XChaCha20Poly1305::new(&seal_key.into()),
+            previous: previous
+                .iter()
+                .map(|key| XChaCha20Poly1305::new(&(*key).into()))
+                .collect(),
         }
     }
 
@@ -201,16 +214,29 @@ impl CodeKeys {
         out
     }
 
-    /// Opens what [`CodeKeys::seal_bytes`] sealed.
+    /// Opens what [`CodeKeys::seal_bytes`] sealed, under the current key
+    /// or an earlier one.
     pub fn unseal_bytes(&self, sealed: &[u8]) -> Result<Vec<u8>, UnsealError> {
+        self.open(sealed).map(|(plain, _)| plain)
+    }
+
+    /// Opens sealed bytes; says whether an earlier key was needed (so they
+    /// should be sealed again under the current one).
+    pub fn open(&self, sealed: &[u8]) -> Result<(Vec<u8>, bool), UnsealError> {
         if sealed.len() <= NONCE_LEN {
             return Err(UnsealError);
         }
         let (nonce, ciphertext) = sealed.split_at(NONCE_LEN);
-        let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| UnsealError)?;
-        self.seal
-            .decrypt(&XNonce::from(nonce), ciphertext)
-            .map_err(|_| UnsealError)
+        let nonce = XNonce::from(<[u8; NONCE_LEN]>::try_from(nonce).map_err(|_| UnsealError)?);
+        if let Ok(plain) = self.seal.decrypt(&nonce, ciphertext) {
+            return Ok((plain, false));
+        }
+        // The AEAD tag tells a wrong key apart: try the earlier ones.
+        self.previous
+            .iter()
+            .find_map(|key| key.decrypt(&nonce, ciphertext).ok())
+            .map(|plain| (plain, true))
+            .ok_or(UnsealError)
     }
 }
 
@@ -307,5 +333,24 @@ mod tests {
         let debug = format!("{code:?}");
         assert!(!debug.contains(&code.canonical()[..12]));
         assert!(debug.contains(code.last4()));
+    }
+
+    #[test]
+    fn a_rotated_key_opens_what_the_previous_one_sealed_and_seals_anew() {
+        let code = Code::generate();
+        let old = CodeKeys::new([1; 32], [2; 32]);
+        let sealed_before = old.seal(&code);
+        let rotated = CodeKeys::rotated([1; 32], [3; 32], &[[2; 32]]);
+        assert_eq!(rotated.unseal(&sealed_before).unwrap(), code);
+        assert!(rotated.open(&sealed_before).unwrap().1, "needs the old key");
+        let sealed_after = rotated.seal(&code);
+        assert!(!rotated.open(&sealed_after).unwrap().1);
+        assert!(
+            old.unseal(&sealed_after).is_err(),
+            "new seals use the new key"
+        );
+        let only_new = CodeKeys::new([1; 32], [3; 32]);
+        assert!(only_new.unseal(&sealed_before).is_err());
+        assert_eq!(only_new.unseal(&sealed_after).unwrap(), code);
     }
 }

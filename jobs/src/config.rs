@@ -66,6 +66,9 @@ pub struct ScheduleConfig {
 pub struct DatabaseConfig {
     pub url: SecretString,
     pub max_connections: u32,
+    /// How long a job waits for a connection (or for Postgres to accept
+    /// one) before giving up.
+    pub acquire_timeout_ms: u64,
 }
 
 /// `[redis]`
@@ -87,6 +90,10 @@ pub struct GatewayConfig {
     /// How long a verified platform key is trusted before it is checked
     /// again: a revocation takes effect within this many seconds.
     pub platform_key_cache_secs: u64,
+    /// How long a request waits for a Postgres connection before the
+    /// gateway answers `503 database_unavailable`: channels retry later, and
+    /// nobody waits on a dead database.
+    pub database_acquire_timeout_ms: u64,
     pub limits: GatewayLimits,
     pub timeouts: GatewayTimeouts,
 }
@@ -102,6 +109,9 @@ pub struct GatewayLimits {
     pub per_address_per_second: u32,
     /// Redemptions one address may try per minute on the hosted page.
     pub redeem_page_per_minute_per_address: u32,
+    /// Failed bearer authentications on the admin API one address may make
+    /// per minute; over it, every admin request from there answers 429.
+    pub failed_auth_per_minute_per_address: u32,
     /// `/v1` requests served at once; more answer 503 `overloaded` at once.
     /// Below the pool size, so webhook intake always finds a connection.
     pub max_in_flight_platform: usize,
@@ -151,6 +161,14 @@ pub struct WorkerConfig {
 pub struct CodesConfig {
     pub hash_key: SecretString,
     pub seal_key: SecretString,
+    /// Sealing keys used before `seal_key`, newest first: codes they sealed
+    /// still open until `entitle-gateway reseal` seals them again.
+    #[serde(default)]
+    pub previous_seal_keys: Vec<SecretString>,
+    /// After a batch's first CSV download, how long the same actor may
+    /// download it again (a dropped connection must not lose the codes);
+    /// 0: once.
+    pub export_window_secs: u64,
 }
 
 /// `[catalogue]`
@@ -267,6 +285,15 @@ fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
 }
 
 impl Config {
+    /// The database settings the gateway connects with: its own, shorter
+    /// wait for a connection.
+    pub fn gateway_database(&self) -> DatabaseConfig {
+        DatabaseConfig {
+            acquire_timeout_ms: self.gateway.database_acquire_timeout_ms,
+            ..self.database.clone()
+        }
+    }
+
     /// Layers defaults, the optional file and the environment, then validates.
     pub fn load(file: Option<&std::path::Path>) -> Result<Self, ConfigError> {
         let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
@@ -292,6 +319,15 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         key_bytes(&self.codes.hash_key, "codes.hash_key")?;
         key_bytes(&self.codes.seal_key, "codes.seal_key")?;
+        for previous in &self.codes.previous_seal_keys {
+            key_bytes(previous, "codes.previous_seal_keys")?;
+            if previous.expose_secret() == self.codes.seal_key.expose_secret() {
+                return Err(invalid(
+                    "codes.previous_seal_keys",
+                    "must not hold the current codes.seal_key",
+                ));
+            }
+        }
         if self.codes.hash_key.expose_secret() == self.codes.seal_key.expose_secret() {
             return Err(invalid("codes.seal_key", "must differ from codes.hash_key"));
         }
@@ -338,6 +374,10 @@ impl Config {
             (
                 "email.smtp_connections",
                 u64::from(self.email.smtp_connections),
+            ),
+            (
+                "gateway.limits.failed_auth_per_minute_per_address",
+                u64::from(self.gateway.limits.failed_auth_per_minute_per_address),
             ),
         ] {
             if value == 0 {
@@ -474,6 +514,15 @@ impl Config {
     /// The 32-byte key stored codes are sealed under.
     pub fn seal_key(&self) -> [u8; 32] {
         key_bytes(&self.codes.seal_key, "codes.seal_key").expect("validated at load")
+    }
+
+    /// Earlier sealing keys, newest first.
+    pub fn previous_seal_keys(&self) -> Vec<[u8; 32]> {
+        self.codes
+            .previous_seal_keys
+            .iter()
+            .map(|key| key_bytes(key, "codes.previous_seal_keys").expect("validated at load"))
+            .collect()
     }
 
     /// How failed webhook events are retried.

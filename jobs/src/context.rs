@@ -5,7 +5,11 @@ use std::{ops::Deref, sync::Arc};
 use sqlx::PgPool;
 
 use crate::{
-    catalogue::Catalogue, channel::stripe::StripeApi, code::CodeKeys, config::Config, db,
+    catalogue::{AtStart, Catalogue},
+    channel::stripe::StripeApi,
+    code::CodeKeys,
+    config::Config,
+    db,
     email::Mailer,
 };
 
@@ -45,7 +49,11 @@ impl Context {
     pub async fn connect(config: Config) -> anyhow::Result<Self> {
         let pool = db::connect(&config.database).await?;
         Ok(Self(Arc::new(Shared {
-            keys: CodeKeys::new(config.hash_key(), config.seal_key()),
+            keys: CodeKeys::rotated(
+                config.hash_key(),
+                config.seal_key(),
+                &config.previous_seal_keys(),
+            ),
             stripe: StripeApi::new(&config.stripe)?,
             mailer: Mailer::new(&config.email)?,
             http: reqwest::Client::builder()
@@ -61,12 +69,43 @@ impl Context {
         })))
     }
 
-    /// Applies migrations and loads the catalogue: what a process does before
-    /// it serves.
+    /// Applies migrations and brings the catalogue file to the database
+    /// when it should (see [`Catalogue::at_start`]): what a process does
+    /// before it serves.
     pub async fn prepare(&self) -> anyhow::Result<()> {
         db::migrate(&self.pool).await?;
-        Catalogue::load(&self.config.catalogue.file)?
-            .sync(&self.pool)
-            .await
+        let process = format!("system:{}", process_name());
+        let catalogue = Catalogue::load(&self.config.catalogue.file)?;
+        self.mailer
+            .check(catalogue.product.iter().map(|p| p.email_template.as_str()))?;
+        let differs = match catalogue.at_start(&self.pool, &process).await? {
+            AtStart::Unchanged => false,
+            AtStart::Synced { from } => {
+                tracing::info!(version = catalogue.version, ?from, "catalogue synced");
+                false
+            }
+            AtStart::Differs { database, file } => {
+                tracing::error!(
+                    database_version = database,
+                    file_version = file,
+                    file = %self.config.catalogue.file.display(),
+                    "the catalogue file differs from the database's and was not synced: raise \
+                     its `version` to roll it out, or run `entitlectl products reload`; running \
+                     with the database's catalogue"
+                );
+                true
+            }
+        };
+        metrics::gauge!("entitle_catalogue_differs").set(if differs { 1.0 } else { 0.0 });
+        Ok(())
     }
+}
+
+/// This program's name (`entitle-gateway`, `entitle-worker`), as the actor
+/// of what it does at start.
+fn process_name() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "entitle".to_owned())
 }

@@ -19,10 +19,29 @@ pub async fn connect(config: &DatabaseConfig) -> anyhow::Result<PgPool> {
 pub async fn connect_sized(config: &DatabaseConfig, size: u32) -> anyhow::Result<PgPool> {
     PgPoolOptions::new()
         .max_connections(size)
-        .acquire_timeout(std::time::Duration::from_secs(10))
+        .acquire_timeout(std::time::Duration::from_millis(config.acquire_timeout_ms))
         .connect(config.url.expose_secret())
         .await
         .context("Failed to connect to Postgres (database.url)")
+}
+
+/// Whether an error means Postgres is unreachable or refusing work for now
+/// (down, restarting, out of connections), rather than that the request
+/// was wrong: the caller should be told to try again, not that we failed.
+pub fn unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        // Connection exceptions (08…), shutting down or starting up
+        // (57P01-57P03), too many connections (53300).
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
+        }),
+        _ => false,
+    }
 }
 
 /// Applies every pending migration.

@@ -173,6 +173,9 @@ impl Mailer {
                 .pool_config(PoolConfig::new().max_size(config.smtp_connections))
                 .build();
         let mut templates = Environment::new();
+        // Printing a name the context lacks (a typo) is an error, found by
+        // [`Mailer::check`] at start rather than by a customer's empty email.
+        templates.set_undefined_behavior(minijinja::UndefinedBehavior::SemiStrict);
         if config.templates_dir.is_empty() {
             for (name, source) in BUILT_IN {
                 templates
@@ -241,6 +244,61 @@ impl Mailer {
             attachment,
             to,
         })
+    }
+
+    /// Renders every template of every family in `families` (and the
+    /// default one) with sample data, so a broken template stops the
+    /// process at start with its name and fault, not a send months later.
+    pub fn check<'a>(&self, families: impl IntoIterator<Item = &'a str>) -> anyhow::Result<()> {
+        let mut families: Vec<&str> = families.into_iter().collect();
+        families.push("default");
+        families.sort_unstable();
+        families.dedup();
+        let to: Mailbox = "Sam Sample <sam@example.com>"
+            .parse()
+            .expect("a sample address");
+        let codes: Vec<CodeLine> = ["7K3M-Q9XD-2WPA-HT5C", "Q9XD-2WPA-HT5C-7K3M"]
+            .iter()
+            .map(|display| CodeLine {
+                display: (*display).to_owned(),
+                last4: display[display.len() - 4..].to_owned(),
+                product: "Sample product".to_owned(),
+                expires_on: "2027-12-31".to_owned(),
+            })
+            .collect();
+        for family in families {
+            for name in ["codes", "bulk", "gift", "receipt", "revoked", "reminder"] {
+                let attachment = (name == "bulk").then(|| Attachment {
+                    filename: "activation-codes.csv".to_owned(),
+                    content_type: "text/csv; charset=utf-8",
+                    body: Vec::new(),
+                });
+                let context = minijinja::context! {
+                    codes => codes,
+                    buyer_name => Some("Bea Buyer"),
+                    message => Some("Happy birthday!"),
+                    gift_recipient_email => Some("sam@example.com"),
+                    gift_recipient_name => Some("Sam Sample"),
+                    code_count => 2,
+                    sent => true,
+                    send_on => Some("2027-01-01 09:00 UTC"),
+                };
+                self.letter(
+                    family,
+                    name,
+                    to.clone(),
+                    "<check@entitle>",
+                    context,
+                    attachment,
+                )
+                .with_context(|| {
+                    format!(
+                        "email template check failed ({family}/{name}, rendered with sample data)"
+                    )
+                })?;
+            }
+        }
+        Ok(())
     }
 
     /// Sends a letter; the answer is the server's reply, kept on the delivery.

@@ -262,22 +262,18 @@ fn render(
     }
 }
 
-/// The codes as a CSV file: one row per code.
+/// The codes as a CSV file: one row per code. Product names come from the
+/// catalogue and may hold commas, quotes or a leading `=`: the shared sheet
+/// quotes and neutralises them.
 fn csv(codes: &[CodeLine]) -> Attachment {
-    let mut body = String::with_capacity(codes.len() * 48 + 32);
-    body.push_str("code,product,valid_until\r\n");
+    let mut sheet = crate::csv_cells::Sheet::new();
+    sheet.row(["code", "product", "valid_until"]);
     for code in codes {
-        // Product names are ours, but quote them anyway: they may hold commas.
-        body.push_str(&format!(
-            "{},\"{}\",{}\r\n",
-            code.display,
-            code.product.replace('"', "\"\""),
-            code.expires_on
-        ));
+        sheet.row([&code.display, &code.product, &code.expires_on]);
     }
     Attachment {
         filename: "activation-codes.csv".to_owned(),
         content_type: "text/csv; charset=utf-8",
-        body: body.into_bytes(),
+        body: sheet.into_bytes(),
     }
 }

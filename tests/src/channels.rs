@@ -637,7 +637,7 @@ pub async fn map_unmapped_product(app: &crate::TestApp, channel: Channel) {
     std::fs::write(&file, fixed).expect("the fixed catalogue is written");
     entitle_jobs::catalogue::Catalogue::load(&file)
         .expect("the fixed catalogue loads")
-        .sync(&app.pool)
+        .sync(&app.pool, "test:operator", "the product was missing")
         .await
         .expect("the fixed catalogue is synchronised");
     let _ = std::fs::remove_file(&file);

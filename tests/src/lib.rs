@@ -5,6 +5,7 @@
 pub mod browser;
 pub mod channel_api;
 pub mod channels;
+pub mod proxy;
 pub mod receiver;
 pub mod smtp;
 pub mod stripe;
@@ -80,6 +81,8 @@ pub struct TestApp {
     pub stripe: MockServer,
     pub http: reqwest::Client,
     pub smtp_port: u16,
+    /// The proxy in front of Postgres ([`TestApp::spawn_behind_proxy`]).
+    pub postgres: Option<proxy::Proxy>,
     smtp: Mutex<Option<SmtpSink>>,
     database: String,
     namespace: String,
@@ -145,11 +148,41 @@ impl TestApp {
     /// Starts with `overrides` (a nested JSON object) layered over the test
     /// configuration.
     pub async fn spawn_configured(options: Options, overrides: Value) -> Self {
+        Self::spawn_inner(options, overrides, false).await
+    }
+
+    /// [`TestApp::spawn_configured`], reaching Postgres through a
+    /// [`proxy::Proxy`] the test can take down ([`TestApp::postgres`]).
+    pub async fn spawn_behind_proxy(options: Options, overrides: Value) -> Self {
+        Self::spawn_inner(options, overrides, true).await
+    }
+
+    async fn spawn_inner(options: Options, overrides: Value, postgres_proxy: bool) -> Self {
         init_logging();
         let id = Uuid::new_v4().simple().to_string();
         let database = format!("entitle_t_{id}");
         let namespace = format!("entitle-t-{id}");
-        let database_url = create_database(&database).await;
+        let mut database_url = create_database(&database).await;
+        let postgres = if postgres_proxy {
+            let mut url = reqwest::Url::parse(&database_url).expect("a database URL");
+            let target = format!(
+                "{}:{}",
+                url.host_str().unwrap_or("127.0.0.1"),
+                url.port().unwrap_or(5432)
+            );
+            let target = tokio::net::lookup_host(&target)
+                .await
+                .ok()
+                .and_then(|mut addresses| addresses.next())
+                .expect("Postgres's address resolves");
+            let proxy = proxy::Proxy::start(target).await;
+            url.set_host(Some("127.0.0.1")).unwrap();
+            url.set_port(Some(proxy.port)).unwrap();
+            database_url = url.to_string();
+            Some(proxy)
+        } else {
+            None
+        };
         let stripe = MockServer::start().await;
         let smtp_port = smtp::free_port();
         let smtp = options.smtp.then(|| SmtpSink::start_on(smtp_port, None));
@@ -244,6 +277,7 @@ impl TestApp {
             stripe,
             http: reqwest::Client::new(),
             smtp_port,
+            postgres,
             smtp: Mutex::new(smtp),
             database,
             namespace,

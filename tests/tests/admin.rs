@@ -280,18 +280,32 @@ async fn every_action_writes_one_audit_event_with_actor_reason_and_before_after(
         "a header and three codes"
     );
     assert_eq!(app.count_actor("olga").await, before + 1);
+    // The same actor again, within the window: the same file, audited again.
     let (status, again) = app
         .admin(
             "POST",
             &format!("/admin/v1/batches/{}/export", batch["id"].as_str().unwrap()),
             Some(&operator),
-            Some(json!({ "reason": "again" })),
+            Some(json!({ "reason": "the download broke off" })),
+            None,
+        )
+        .await;
+    assert_eq!((status, &again), (200, &csv));
+    assert_eq!(app.count_actor("olga").await, before + 2);
+    // Anyone else is refused: the file has one holder.
+    let other = app.token(Role::Operator).await;
+    let (status, refused) = app
+        .admin(
+            "POST",
+            &format!("/admin/v1/batches/{}/export", batch["id"].as_str().unwrap()),
+            Some(&other),
+            Some(json!({ "reason": "me too" })),
             None,
         )
         .await;
     assert_eq!(
-        (status, again["code"].as_str()),
-        (409, Some("batch_already_exported"))
+        (status, refused["code"].as_str()),
+        (409, Some("export_taken_by_another"))
     );
     audited(
         &app,
@@ -357,7 +371,7 @@ async fn every_action_writes_one_audit_event_with_actor_reason_and_before_after(
         "ada",
         "/admin/v1/products/reload",
         json!({ "reason": "new price" }),
-        "catalogue.reloaded",
+        "catalogue.synced",
     )
     .await;
 

@@ -59,3 +59,55 @@ async fn one_pooled_smtp_connection_sends_messages_without_waiting_for_delayed_a
         "30 messages took {took:?}: each waited for a delayed ACK"
     );
 }
+
+/// A copy of the shipped templates with `file` replaced by `text`.
+fn templates_with(file: &str, text: &str) -> std::path::PathBuf {
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/templates/default");
+    let dir = std::env::temp_dir().join(format!("entitle-templates-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(dir.join("default")).unwrap();
+    for entry in std::fs::read_dir(&shipped).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join("default").join(entry.file_name())).unwrap();
+    }
+    if !file.is_empty() {
+        std::fs::write(dir.join("default").join(file), text).unwrap();
+    }
+    dir
+}
+
+/// Every template is rendered at start with sample data: a broken one
+/// stops the process with its name and fault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_template_stops_the_process_at_start() {
+    let app = entitle_tests::TestApp::spawn_with(entitle_tests::Options {
+        smtp: false,
+        worker: false,
+    })
+    .await;
+    let start = |dir: std::path::PathBuf| {
+        let mut config = app.ctx.config.clone();
+        config.email.templates_dir = dir.display().to_string();
+        async move {
+            let ctx = entitle_jobs::Context::connect(config).await.unwrap();
+            ctx.prepare().await.map_err(|e| format!("{e:#}"))
+        }
+    };
+    assert_eq!(
+        start(templates_with("", "")).await,
+        Ok(()),
+        "the shipped templates pass"
+    );
+    let unclosed = start(templates_with("codes.html", "{% if codes %}<p>codes</p>")).await;
+    let error = unclosed.unwrap_err();
+    assert!(error.contains("default/codes"), "{error}");
+    let typo = start(templates_with(
+        "gift.txt",
+        "Hello {{ recipient_name }}, from {{ buyer_nme }}",
+    ))
+    .await;
+    let error = typo.unwrap_err();
+    assert!(
+        error.contains("default/gift") && error.contains("undefined"),
+        "{error}"
+    );
+}

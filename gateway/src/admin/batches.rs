@@ -1,6 +1,7 @@
 //! Batches: codes created outside checkout (customer service, partner
 //! distribution, test accounts, replacements), optionally emailed, and
-//! exportable once as CSV. The rules are [`entitle_jobs::batch`]'s.
+//! exported as CSV (to one actor, again within a short window). The rules
+//! are [`entitle_jobs::batch`]'s.
 
 use axum::{
     Json,
@@ -59,7 +60,7 @@ struct BatchRequest {
     security(("bearer" = ["operator"])),
     extensions(("x-entitle-role" = json!("operator"))),
     responses(
-        (status = 201, description = "Created; the codes are downloaded once from `export`", body = outcomes::BatchCreated),
+        (status = 201, description = "Created; the codes are downloaded from `export` (by one actor, again within a short window)", body = outcomes::BatchCreated),
         (status = 404, description = "`not_found`: no such product or order", body = ErrorBody),
         (status = 422, description = "`reason_required`, `invalid_request` (quantity, kind), `invalid_email`, `idempotency_key_reused`", body = ErrorBody),
     ),
@@ -116,7 +117,8 @@ pub struct BatchView {
     pub reason: String,
     pub account_id: Option<String>,
     pub order_id: Option<Uuid>,
-    /// When its codes were downloaded (they can be, once).
+    /// When its codes were first downloaded (by one actor, who may again
+    /// for a short window).
     pub exported_at: Option<Timestamp>,
     pub created_at: Timestamp,
     pub codes: Vec<CodeSummary>,
@@ -155,22 +157,23 @@ async fn show_batch(
     Ok(Json(conform("the batch view", view)?))
 }
 
-/// The batch's codes as CSV, once.
+/// The batch's codes as CSV.
 ///
 /// The only answer that shows whole codes: `code,product,state,valid_until`,
-/// a line each.
-/// The same request again with its `Idempotency-Key` gets the file again;
-/// any other is refused (see `entitle_jobs::batch::export`).
+/// a line each. The first download takes the file: the same actor may
+/// download it again for `codes.export_window_secs` (a dropped connection
+/// loses nothing), nobody else ever; every download is audited
+/// (`batch.exported`). See `entitle_jobs::batch::export`.
 #[utoipa::path(
     post, path = "/admin/v1/batches/{id}/export", tag = "batches",
-    params(("id" = Uuid, Path, description = "The batch's id"), IdempotencyKey),
+    params(("id" = Uuid, Path, description = "The batch's id")),
     request_body = ReasonOnly,
     security(("bearer" = ["operator"])),
     extensions(("x-entitle-role" = json!("operator"))),
     responses(
         (status = 200, description = "The codes, as a CSV download", content_type = "text/csv", body = String),
         (status = 404, description = "`not_found`: no such batch", body = ErrorBody),
-        (status = 409, description = "`batch_already_exported`", body = ErrorBody),
+        (status = 409, description = "`export_taken_by_another`: another actor downloaded it; `export_window_closed`: the window to download it again has passed", body = ErrorBody),
         (status = 422, description = "`reason_required`", body = ErrorBody),
     ),
 )]
@@ -178,7 +181,6 @@ async fn export_batch(
     actor: Actor,
     State(state): State<AppState>,
     Path(id): Path<Uuid>,
-    headers: HeaderMap,
     ApiJson(request): ApiJson<ReasonOnly>,
 ) -> Result<Response, ApiError> {
     actor.require(Role::Operator)?;
@@ -189,9 +191,7 @@ async fn export_batch(
         role: actor.role,
         reason: &request.reason,
     };
-    // The same request again (its Idempotency-Key) gets the file again.
-    let key = super::idempotency_key(&headers)?.map(|k| format!("{}:{k}", actor.name));
-    let csv = batch::export(&mut tx, &state.ctx, who, id, key.as_deref()).await?;
+    let csv = batch::export(&mut tx, &state.ctx, who, id).await?;
     tx.commit().await?;
     Ok(csv_attachment(&format!("batch-{id}.csv"), csv))
 }

@@ -33,7 +33,7 @@ fn refused(e: EndpointError) -> ApiError {
         EndpointError::NameTaken(_) | EndpointError::FromConfig(_) => StatusCode::CONFLICT,
         EndpointError::NotFound => StatusCode::NOT_FOUND,
         EndpointError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-        EndpointError::Database(_) => return ApiError::internal(e),
+        EndpointError::Database(e) => return ApiError::database(e),
     };
     ApiError::new(status, e.code(), e.to_string())
 }

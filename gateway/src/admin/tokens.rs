@@ -6,7 +6,6 @@ use axum::{
     http::{HeaderMap, StatusCode},
 };
 use entitle_jobs::{
-    audit::{self, AuditEvent},
     catalogue::Catalogue,
     token::{self, CreateError, Role},
 };
@@ -282,23 +281,11 @@ async fn reload_products(
             format!("{e:#}"),
         )
     })?;
+    // Audited as `catalogue.synced`, with the version before and after.
     catalogue
-        .sync(&state.ctx.pool)
+        .sync(&state.ctx.pool, &actor.name, &request.reason)
         .await
         .map_err(ApiError::internal)?;
-    let mut conn = state.ctx.pool.acquire().await?;
-    audit::record(
-        &mut conn,
-        AuditEvent {
-            actor: &actor.name,
-            action: "catalogue.reloaded",
-            subject_type: "catalogue",
-            subject_id: state.ctx.config.catalogue.file.display().to_string(),
-            reason: Some(&request.reason),
-            data: json!({ "before": null, "after": { "products": catalogue.product.len() } }),
-        },
-    )
-    .await?;
     Ok(Json(CatalogueReloaded {
         products: catalogue.product.len(),
     }))

@@ -66,7 +66,7 @@ fn refusal(e: RedeemError) -> ApiError {
         ),
         RedeemError::Revoked => (StatusCode::GONE, "this code was revoked"),
         RedeemError::Expired => (StatusCode::GONE, "this code has expired"),
-        RedeemError::Database(cause) => return ApiError::internal(cause),
+        RedeemError::Database(cause) => return ApiError::database(cause),
     };
     metrics::counter!("entitle_redemptions_rejected_total", "code" => e.code()).increment(1);
     ApiError::new(status, e.code(), detail)

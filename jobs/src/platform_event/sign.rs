@@ -98,7 +98,7 @@ mod tests {
         let (a, b) = (Secret::generate(), Secret::generate());
         let header = signature_header(&[a.clone(), b], "id", 1, b"{}");
         assert_eq!(header.split(' ').count(), 2);
-        assert!(header.starts_with(&signature_header(&[a.clone()], "id", 1, b"{}")));
+        assert!(header.starts_with(&signature_header(std::slice::from_ref(&a), "id", 1, b"{}")));
         assert_eq!(Secret::parse(&a.expose()).unwrap().bytes(), a.bytes());
         for bad in [
             "",

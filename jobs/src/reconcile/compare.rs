@@ -244,8 +244,12 @@ impl Run<'_> {
             .iter()
             .map(|(_, a, _)| a.adjustment_key.as_str())
             .collect();
+        // Applied, not merely recorded: a recorded adjustment whose order
+        // is issued with codes still active was lost on the way, and is
+        // taken back below like one never heard of.
         let applied: Vec<String> = sqlx::query_scalar(
-            "SELECT adjustment_key FROM order_adjustment WHERE channel = $1 AND adjustment_key = ANY($2)",
+            "SELECT adjustment_key FROM order_adjustment
+             WHERE channel = $1 AND adjustment_key = ANY($2) AND applied_at IS NOT NULL",
         )
         .bind(self.channel)
         .bind(&keys)
