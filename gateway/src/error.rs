@@ -61,6 +61,17 @@ impl ApiError {
             )
             .retry_after(5);
         }
+        if entitle_jobs::db::bad_input(e) {
+            // The request carried a value Postgres cannot hold: a NUL byte,
+            // a number out of range, a key too long to index.
+            tracing::info!(error = %e, "a request value could not be stored");
+            return Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_input",
+                "a value in the request cannot be stored: it holds a NUL byte, or is out of \
+                 range or too long",
+            );
+        }
         Self::internal(e)
     }
 

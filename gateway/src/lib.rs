@@ -30,6 +30,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Webhooks are filed through group commits.
     pub intake: entitle_jobs::inbox::Intake,
+    /// Redemptions are claimed through group commits.
+    pub redeemer: entitle_jobs::redemption::Redeemer,
     /// Platform keys verified lately, and the platform API's rate limits.
     pub platform: Arc<platform::Gate>,
 }
@@ -85,11 +87,23 @@ pub async fn run(
     // Measured on 2 cores: two writers beat one and four (ops/bench.sh).
     // They have connections of their own: however busy the platform API or
     // the admin API keep the main pool, webhooks are filed without waiting.
+    // Requests wait for a connection no longer than the gateway's own
+    // timeout (the binary connects with it; a caller that shares its
+    // context with a worker gets a pool of the gateway's own).
+    let database = ctx.config.gateway_database();
+    let ctx = if ctx.config.database.acquire_timeout_ms == database.acquire_timeout_ms {
+        ctx
+    } else {
+        ctx.with_pool(entitle_jobs::db::connect(&database).await?)
+    };
     let writers = (ctx.config.database.max_connections / 4).max(1);
-    let intake_pool =
-        entitle_jobs::db::connect_sized(&ctx.config.gateway_database(), writers).await?;
+    let intake_pool = entitle_jobs::db::connect_sized(&database, writers).await?;
+    // Redemptions share commits the same way, on the main pool (two
+    // writers, as for intake, measured in ops/bench.sh redeem).
+    let redeemer = entitle_jobs::redemption::Redeemer::start(ctx.pool.clone(), 2);
     let state = AppState {
         intake: entitle_jobs::inbox::Intake::start(intake_pool, writers as usize),
+        redeemer,
         platform: Arc::new(platform::Gate::new(&ctx.config.gateway)),
         metrics: entitle_jobs::telemetry::metrics(),
         ctx,

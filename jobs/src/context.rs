@@ -69,6 +69,19 @@ impl Context {
         })))
     }
 
+    /// The same context on another pool (the gateway's, with its own wait
+    /// for a connection).
+    pub fn with_pool(&self, pool: PgPool) -> Context {
+        Context(Arc::new(Shared {
+            config: self.config.clone(),
+            pool,
+            keys: self.keys.clone(),
+            stripe: self.stripe.clone(),
+            mailer: self.mailer.clone(),
+            http: self.http.clone(),
+        }))
+    }
+
     /// Applies migrations and brings the catalogue file to the database
     /// when it should (see [`Catalogue::at_start`]): what a process does
     /// before it serves.

@@ -19,6 +19,11 @@ pub async fn connect(config: &DatabaseConfig) -> anyhow::Result<PgPool> {
 pub async fn connect_sized(config: &DatabaseConfig, size: u32) -> anyhow::Result<PgPool> {
     PgPoolOptions::new()
         .max_connections(size)
+        // No ping before each use: on the hot paths it is a round trip per
+        // request. A connection Postgres dropped fails its next query,
+        // which is answered 503 (gateway) or retried (worker), and is then
+        // replaced.
+        .test_before_acquire(false)
         .acquire_timeout(std::time::Duration::from_millis(config.acquire_timeout_ms))
         .connect(config.url.expose_secret())
         .await
@@ -40,6 +45,18 @@ pub fn unavailable(e: &sqlx::Error) -> bool {
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
         }),
+        _ => false,
+    }
+}
+
+/// Whether an error is Postgres refusing a value of the request itself
+/// (data exceptions, class 22: a NUL byte, a number out of range, bad
+/// text for a type; 54000: a key too long to index), not a fault of ours.
+pub fn bad_input(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("22") || &*code == "54000"),
         _ => false,
     }
 }

@@ -142,6 +142,13 @@ impl OwnedEvent {
 pub async fn file_many(pool: &PgPool, events: &[OwnedEvent]) -> Vec<sqlx::Result<Filed>> {
     match file_together(pool, events).await {
         Ok(filed) => filed,
+        // Postgres is down or busy: one at a time would only wait again.
+        Err(e) if crate::db::unavailable(&e) => {
+            let mut all = vec![Err(e)];
+            all.extend((1..events.len()).map(|_| Err(sqlx::Error::PoolTimedOut)));
+            all
+        }
+        Err(e) if events.len() == 1 => vec![Err(e)],
         Err(e) => {
             if events.len() > 1 {
                 tracing::debug!(error = %e, events = events.len(), "filing one at a time");

@@ -168,9 +168,19 @@ pub async fn revoke(
 /// The active key with this hash, noting its use (callers cache the answer,
 /// so this runs once per key per cache lifetime, not per request).
 pub async fn verify(pool: &PgPool, key_hash: &[u8]) -> sqlx::Result<Option<Caller>> {
+    // `last_used_at` is kept to the minute: when a cache lapses, every
+    // request in flight verifies at once, and they must not queue on the
+    // key's row to write the same time.
     let row: Option<(Uuid, String)> = sqlx::query_as(
-        "UPDATE platform_key SET last_used_at = now()
-         WHERE key_hash = $1 AND revoked_at IS NULL RETURNING id, name",
+        "WITH key AS (
+             SELECT id, name, last_used_at FROM platform_key
+             WHERE key_hash = $1 AND revoked_at IS NULL
+         ), touched AS (
+             UPDATE platform_key p SET last_used_at = now() FROM key
+             WHERE p.id = key.id
+               AND (key.last_used_at IS NULL OR key.last_used_at < now() - interval '1 minute')
+         )
+         SELECT id, name FROM key",
     )
     .bind(key_hash)
     .fetch_optional(pool)

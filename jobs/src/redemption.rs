@@ -127,7 +127,8 @@ fn redemption(row: &PgRow) -> Redemption {
 
 /// Redeems `code` for `account_id` and `entity_ref` on behalf of `caller`
 /// (`platform:<key name>`, or `redeem_page`): recorded on the assignment
-/// and in the audit log.
+/// and in the audit log. One statement and one commit of its own; the
+/// gateway claims through a [`Redeemer`] instead, which shares commits.
 pub async fn redeem(
     pool: &PgPool,
     keys: &CodeKeys,
@@ -136,21 +137,209 @@ pub async fn redeem(
     entity_ref: &str,
     caller: &str,
 ) -> Result<Redeemed, RedeemError> {
-    let hash = keys.hash(code);
-    let claimed = sqlx::query(CLAIM)
-        .bind(&hash)
+    let claim = Claim {
+        hash: keys.hash(code),
+        account_id: account_id.to_owned(),
+        entity_ref: entity_ref.to_owned(),
+        caller: caller.to_owned(),
+    };
+    match claim_one(pool, &claim).await? {
+        Some(redemption) => Ok(claimed(redemption)),
+        None => explain(pool, &claim).await,
+    }
+}
+
+fn claimed(redemption: Redemption) -> Redeemed {
+    metrics::counter!("entitle_codes_redeemed_total").increment(1);
+    Redeemed::New(redemption)
+}
+
+/// One redemption to claim.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    /// The code's keyed hash.
+    pub hash: Vec<u8>,
+    pub account_id: String,
+    pub entity_ref: String,
+    pub caller: String,
+}
+
+async fn claim_one(pool: &PgPool, claim: &Claim) -> sqlx::Result<Option<Redemption>> {
+    let row = sqlx::query(CLAIM)
+        .bind(&claim.hash)
         .bind(Uuid::now_v7())
-        .bind(account_id)
-        .bind(entity_ref)
-        .bind(caller)
+        .bind(&claim.account_id)
+        .bind(&claim.entity_ref)
+        .bind(&claim.caller)
         .bind(Uuid::now_v7())
         .fetch_optional(pool)
         .await?;
-    if let Some(row) = claimed {
-        metrics::counter!("entitle_codes_redeemed_total").increment(1);
-        return Ok(Redeemed::New(redemption(&row)));
+    Ok(row.as_ref().map(redemption))
+}
+
+/// [`CLAIM`] for many codes at once: one statement, one commit. Each code
+/// is claimed or not on its own (its own conditional update); the answer
+/// names the code by its hash.
+const CLAIM_MANY: &str = "
+    WITH input AS (
+        SELECT * FROM UNNEST($1::bytea[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::uuid[])
+            AS i(hash, assignment_id, account_id, entity_ref, caller, event_id)
+    ), claimed AS (
+        UPDATE activation_code c SET state = 'redeemed', redeemed_at = now()
+        FROM input i
+        WHERE c.code_hash = i.hash AND c.state = 'issued' AND c.expires_at > now()
+        RETURNING c.id, c.last4, c.product_id, c.order_line_id, c.batch_id, c.expires_at,
+                  i.hash, i.assignment_id, i.account_id, i.entity_ref, i.caller, i.event_id
+    ), detail AS (
+        SELECT c.id AS code_id, c.last4, p.sku, p.name, coalesce(ol.order_id, b.order_id) AS order_id,
+               c.batch_id, c.expires_at, c.hash, c.assignment_id, c.account_id, c.entity_ref,
+               c.caller, c.event_id
+        FROM claimed c
+        JOIN product p ON p.id = c.product_id
+        LEFT JOIN order_line ol ON ol.id = c.order_line_id
+        LEFT JOIN code_batch b ON b.id = c.batch_id
+    ), assigned AS (
+        INSERT INTO assignment (id, code_id, account_id, entity_ref, assigned_by)
+        SELECT assignment_id, code_id, account_id, entity_ref, caller FROM detail
+        RETURNING id, assigned_at
+    ), audited AS (
+        INSERT INTO audit_event (actor, action, subject_type, subject_id, data)
+        SELECT d.caller, 'code.redeemed', 'code', d.code_id::text, jsonb_build_object(
+            'last4', d.last4,
+            'before', jsonb_build_object('state', 'issued'),
+            'after', jsonb_build_object('state', 'redeemed', 'account_id', d.account_id, 'entity_ref', d.entity_ref),
+            'assignment', d.assignment_id)
+        FROM detail d
+    ), told AS (
+        INSERT INTO platform_event (id, type, code_id, order_id, data)
+        SELECT d.event_id, 'code.redeemed', d.code_id, d.order_id, jsonb_build_object(
+            'code_id', d.code_id, 'code_last4', d.last4, 'state', 'redeemed',
+            'product_sku', d.sku, 'product_name', d.name, 'order_id', d.order_id,
+            'batch_id', d.batch_id, 'expires_at', d.expires_at,
+            'account_id', d.account_id, 'entity_ref', d.entity_ref, 'assignment_id', d.assignment_id)
+        FROM detail d
+    )
+    SELECT d.hash, a.id, d.code_id, d.last4, d.sku, d.name, d.account_id, d.entity_ref, a.assigned_at
+    FROM detail d JOIN assigned a ON a.id = d.assignment_id";
+
+/// Claims a group of redemptions in one statement; answers, in order,
+/// each one's redemption when it was claimed. A code asked for twice in
+/// one group is claimed by its first request; the others are answered
+/// unclaimed and explained (the same holder gets the same redemption).
+/// If the statement fails (a value Postgres refuses), each is claimed on
+/// its own, so one bad request fails only itself.
+pub async fn claim_many(pool: &PgPool, claims: &[Claim]) -> Vec<sqlx::Result<Option<Redemption>>> {
+    let mut first = std::collections::HashMap::new();
+    let unique: Vec<&Claim> = claims
+        .iter()
+        .filter(|c| first.insert(c.hash.as_slice(), ()).is_none())
+        .collect();
+    let ids: Vec<Uuid> = unique.iter().map(|_| Uuid::now_v7()).collect();
+    let events: Vec<Uuid> = unique.iter().map(|_| Uuid::now_v7()).collect();
+    let grouped = sqlx::query(CLAIM_MANY)
+        .bind(unique.iter().map(|c| c.hash.as_slice()).collect::<Vec<_>>())
+        .bind(&ids)
+        .bind(
+            unique
+                .iter()
+                .map(|c| c.account_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            unique
+                .iter()
+                .map(|c| c.entity_ref.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(unique.iter().map(|c| c.caller.as_str()).collect::<Vec<_>>())
+        .bind(&events)
+        .fetch_all(pool)
+        .await;
+    let rows = match grouped {
+        Ok(rows) => rows,
+        // Postgres is down or busy: one at a time would only wait again.
+        Err(e) if crate::db::unavailable(&e) => {
+            let mut all = vec![Err(e)];
+            all.extend((1..claims.len()).map(|_| Err(sqlx::Error::PoolTimedOut)));
+            return all;
+        }
+        Err(_) if claims.len() > 1 => {
+            let mut out = Vec::with_capacity(claims.len());
+            for claim in claims {
+                out.push(claim_one(pool, claim).await);
+            }
+            return out;
+        }
+        Err(e) => return vec![Err(e)],
+    };
+    let mut won: std::collections::HashMap<Vec<u8>, Redemption> = rows
+        .iter()
+        .map(|row| (row.get::<Vec<u8>, _>("hash"), redemption(row)))
+        .collect();
+    // Each code's redemption goes to the first request for it.
+    claims.iter().map(|c| Ok(won.remove(&c.hash))).collect()
+}
+
+/// Most redemptions claimed in one statement.
+const MAX_GROUP: usize = 32;
+
+/// The gateway's redemptions: concurrent requests claimed in group commits
+/// (see [`crate::group`]), so at load one statement and one WAL flush serve
+/// many; each caller is answered once its own claim is committed.
+#[derive(Clone)]
+pub struct Redeemer {
+    group: crate::group::Group<Claim, sqlx::Result<Option<Redemption>>>,
+    pool: PgPool,
+}
+
+impl Redeemer {
+    /// Starts `writers` writers on the current runtime.
+    pub fn start(pool: PgPool, writers: usize) -> Self {
+        let writing = pool.clone();
+        Redeemer {
+            group: crate::group::Group::spawn(writers, MAX_GROUP, move |claims: Vec<Claim>| {
+                let pool = writing.clone();
+                async move { claim_many(&pool, &claims).await }
+            }),
+            pool,
+        }
     }
 
+    /// [`redeem`], through a group commit.
+    pub async fn redeem(
+        &self,
+        keys: &CodeKeys,
+        code: &Code,
+        account_id: &str,
+        entity_ref: &str,
+        caller: &str,
+    ) -> Result<Redeemed, RedeemError> {
+        let claim = Claim {
+            hash: keys.hash(code),
+            account_id: account_id.to_owned(),
+            entity_ref: entity_ref.to_owned(),
+            caller: caller.to_owned(),
+        };
+        let outcome = self
+            .group
+            .submit(claim.clone())
+            .await
+            .unwrap_or(Err(sqlx::Error::PoolClosed))?;
+        match outcome {
+            Some(redemption) => Ok(claimed(redemption)),
+            None => explain(&self.pool, &claim).await,
+        }
+    }
+}
+
+/// Why a code was not claimed (and the same redemption again for its
+/// holder); a refusal is recorded on the code for support.
+async fn explain(pool: &PgPool, claim: &Claim) -> Result<Redeemed, RedeemError> {
+    let (hash, account_id, entity_ref) = (
+        &claim.hash,
+        claim.account_id.as_str(),
+        claim.entity_ref.as_str(),
+    );
     // Not claimed: say why, and keep the refused attempt for support.
     let mut tx = pool.begin().await?;
     let found = sqlx::query(
@@ -160,7 +349,7 @@ pub async fn redeem(
          LEFT JOIN assignment a ON a.code_id = c.id AND a.ended_at IS NULL
          WHERE c.code_hash = $1",
     )
-    .bind(&hash)
+    .bind(hash)
     .fetch_optional(&mut *tx)
     .await?;
     let Some(found) = found else {

@@ -17,6 +17,7 @@ import hmac
 import json
 import os
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -50,6 +51,7 @@ def verified(headers, body, keys):
 class Receiver(BaseHTTPRequestHandler):
     keys = secrets()
     seen = set()  # a real receiver keeps these in its database
+    lock = threading.Lock()  # events arrive on several connections at once
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("content-length", 0)))
@@ -58,11 +60,13 @@ class Receiver(BaseHTTPRequestHandler):
             self.end_headers()
             return
         event_id = self.headers["webhook-id"]
-        if event_id not in self.seen:
-            self.seen.add(event_id)
-            event = json.loads(body)
-            # Apply it here: a code's events arrive in order (`seq` grows).
-            print(json.dumps(event), flush=True)
+        with self.lock:
+            if event_id not in self.seen:
+                self.seen.add(event_id)
+                event = json.loads(body)
+                # Apply it here: a code's events arrive in order (`seq` grows).
+                sys.stdout.write(json.dumps(event) + "\n")
+                sys.stdout.flush()
         self.send_response(204)
         self.end_headers()
 

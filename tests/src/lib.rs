@@ -190,7 +190,9 @@ impl TestApp {
         let config = Config::from_figment(
             Config::defaults()
                 .merge(Serialized::defaults(json!({
-                    "database": { "url": database_url, "max_connections": 10 },
+                    // The gateway's wait for a connection, so the gateway
+                    // in the tests shares this pool, as the binary's does.
+                    "database": { "url": database_url, "max_connections": 10, "acquire_timeout_ms": 500 },
                     "redis": { "url": redis_url(), "namespace": namespace },
                     "worker": {
                         "concurrency": 4,

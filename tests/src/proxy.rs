@@ -1,78 +1,91 @@
 //! A TCP proxy in front of a real server (Postgres, Redis) that a test can
-//! take down and bring back: every open connection is cut and new ones are
-//! closed at once while it is down, as when the server itself is down.
+//! take down and bring back: down, every open connection is cut and the port
+//! refuses new ones, as when the server itself is down.
 
 use std::{
     net::SocketAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex},
 };
 
-use tokio::{net::TcpListener, task::AbortHandle};
+use tokio::{net::TcpSocket, task::AbortHandle};
 
+#[derive(Default)]
 struct State {
-    up: AtomicBool,
-    connections: Mutex<Vec<AbortHandle>>,
+    /// The accept loop, while up.
+    listening: Option<AbortHandle>,
+    connections: Vec<AbortHandle>,
 }
 
 /// A running proxy.
 pub struct Proxy {
     pub port: u16,
-    state: Arc<State>,
-    task: tokio::task::JoinHandle<()>,
+    target: SocketAddr,
+    state: Arc<Mutex<State>>,
+}
+
+fn listen(port: u16) -> tokio::net::TcpListener {
+    let socket = TcpSocket::new_v4().expect("a socket");
+    // Up again on the same port at once, with cut connections in TIME_WAIT.
+    socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], port)))
+        .expect("the proxy's port");
+    socket.listen(128).expect("listening")
 }
 
 impl Proxy {
     /// Starts forwarding a free local port to `target`.
     pub async fn start(target: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("a port for the proxy");
+        let listener = listen(0);
         let port = listener.local_addr().unwrap().port();
-        let state = Arc::new(State {
-            up: AtomicBool::new(true),
-            connections: Mutex::default(),
-        });
-        let shared = state.clone();
+        let proxy = Proxy {
+            port,
+            target,
+            state: Arc::default(),
+        };
+        proxy.serve(listener);
+        proxy
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let (state, target) = (self.state.clone(), self.target);
+        let accepting = state.clone();
         let task = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
-                if !shared.up.load(Ordering::SeqCst) {
-                    // Down: the connection is closed at once.
-                    drop(client);
-                    continue;
-                }
                 let relay = tokio::spawn(async move {
                     if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
                         let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                     }
                 });
-                let mut connections = shared.connections.lock().unwrap();
-                connections.retain(|c| !c.is_finished());
-                connections.push(relay.abort_handle());
+                let mut state = accepting.lock().unwrap();
+                state.connections.retain(|c| !c.is_finished());
+                state.connections.push(relay.abort_handle());
             }
         });
-        Proxy { port, state, task }
+        state.lock().unwrap().listening = Some(task.abort_handle());
     }
 
-    /// Cuts every connection and refuses new ones.
+    /// Cuts every connection and closes the port.
     pub fn down(&self) {
-        self.state.up.store(false, Ordering::SeqCst);
-        for connection in self.state.connections.lock().unwrap().drain(..) {
+        let mut state = self.state.lock().unwrap();
+        if let Some(listening) = state.listening.take() {
+            listening.abort();
+        }
+        for connection in state.connections.drain(..) {
             connection.abort();
         }
     }
 
-    /// Forwards again.
+    /// Forwards again, on the same port.
     pub fn up(&self) {
-        self.state.up.store(true, Ordering::SeqCst);
+        if self.state.lock().unwrap().listening.is_none() {
+            self.serve(listen(self.port));
+        }
     }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.down();
-        self.task.abort();
     }
 }

@@ -45,6 +45,7 @@ async fn with_postgres_down_the_gateway_answers_503_within_a_second_and_recovers
             "{channel:?}: {body}"
         );
         assert!(retry_after.is_some(), "{channel:?}: Retry-After");
+        eprintln!("{channel:?} answered 503 in {took:?}");
         assert!(took < Duration::from_secs(1), "{channel:?} took {took:?}");
     }
     let started = Instant::now();

@@ -563,3 +563,70 @@ async fn webhook_intake_stays_fast_under_a_redemption_flood() {
          redemptions' p50 {redemption_p50:.1} ms, p99 {redemption_p99:.1} ms"
     );
 }
+
+/// Redemptions in flight together share a commit, and each code still goes
+/// to exactly one holder: of three requests for one code at once (twice the
+/// same holder, once another), one redeems, the same holder's other gets the
+/// same redemption, and the other holder is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_redemptions_share_commits_and_each_code_goes_to_one_holder() {
+    // All 120 requests in flight at once.
+    let app = TestApp::spawn_configured(
+        quiet(),
+        json!({ "gateway": { "limits": { "max_in_flight_platform": 256 } } }),
+    )
+    .await;
+    let codes = app.batch_codes("KIT-BASIC", 40).await;
+    let requests = codes.iter().enumerate().flat_map(|(i, code)| {
+        [
+            format!("acct_{i}"),
+            format!("acct_{i}"),
+            format!("other_{i}"),
+        ]
+        .into_iter()
+        .map(move |account| (i, code.clone(), account))
+    });
+    let answers = futures::future::join_all(requests.map(|(i, code, account)| {
+        let app = &app;
+        async move {
+            let (status, body) = app.redeem(&code, &account, "me").await;
+            (i, account, status, body)
+        }
+    }))
+    .await;
+    for i in 0..codes.len() {
+        let of_code: Vec<_> = answers.iter().filter(|a| a.0 == i).collect();
+        let new: Vec<_> = of_code.iter().filter(|a| a.2 == 201).collect();
+        assert_eq!(new.len(), 1, "code {i}: {of_code:?}");
+        let winner = &new[0].1;
+        for (_, account, status, body) in &of_code {
+            if account == winner {
+                assert!(
+                    *status == 201 || *status == 200,
+                    "{account}: {status} {body}"
+                );
+                assert_eq!(body["account_id"], winner.as_str());
+            } else {
+                assert_eq!(
+                    (*status, body["code"].as_str()),
+                    (409, Some("code_already_redeemed")),
+                    "{account}"
+                );
+            }
+        }
+    }
+    assert_eq!(app.count("SELECT count(*) FROM assignment").await, 40);
+    assert_eq!(app.count("SELECT count(*) FROM platform_event").await, 40);
+    assert_eq!(
+        app.count("SELECT count(*) FROM audit_event WHERE action = 'code.redeemed'")
+            .await,
+        40
+    );
+    let commits = app
+        .count("SELECT count(DISTINCT xmin::text) FROM assignment")
+        .await;
+    assert!(
+        commits < 40,
+        "40 redemptions took {commits} commits: none shared one"
+    );
+}

@@ -13,7 +13,7 @@ use axum::{
 };
 use entitle_jobs::{
     code::Code,
-    redemption::{self, RedeemError, Redeemed},
+    redemption::{RedeemError, Redeemed},
 };
 use minijinja::context;
 use serde::Deserialize;
@@ -90,15 +90,16 @@ async fn redeem(
             );
         }
     };
-    let outcome = redemption::redeem(
-        &state.ctx.pool,
-        &state.ctx.keys,
-        &code,
-        form.account_id.trim(),
-        form.entity_ref.trim(),
-        CALLER,
-    )
-    .await;
+    let outcome = state
+        .redeemer
+        .redeem(
+            &state.ctx.keys,
+            &code,
+            form.account_id.trim(),
+            form.entity_ref.trim(),
+            CALLER,
+        )
+        .await;
     match outcome {
         Ok(Redeemed::New(r) | Redeemed::Existing(r)) => show(
             StatusCode::OK,

@@ -103,15 +103,16 @@ async fn redeem_code(
     check_ref("account_id", &request.account_id)?;
     check_ref("entity_ref", &request.entity_ref)?;
     let code = parse_code(&request.code)?;
-    match redemption::redeem(
-        &state.ctx.pool,
-        &state.ctx.keys,
-        &code,
-        &request.account_id,
-        &request.entity_ref,
-        &caller.actor(),
-    )
-    .await
+    match state
+        .redeemer
+        .redeem(
+            &state.ctx.keys,
+            &code,
+            &request.account_id,
+            &request.entity_ref,
+            &caller.actor(),
+        )
+        .await
     {
         Ok(Redeemed::New(r)) => Ok((StatusCode::CREATED, Json(r))),
         Ok(Redeemed::Existing(r)) => Ok((StatusCode::OK, Json(r))),
