@@ -98,9 +98,11 @@ pub async fn run(
     };
     let writers = (ctx.config.database.max_connections / 4).max(1);
     let intake_pool = entitle_jobs::db::connect_sized(&database, writers).await?;
-    // Redemptions share commits the same way, on the main pool (two
-    // writers, as for intake, measured in ops/bench.sh redeem).
-    let redeemer = entitle_jobs::redemption::Redeemer::start(ctx.pool.clone(), 2);
+    // Redemptions share commits the same way, on the main pool.
+    let redeemer = entitle_jobs::redemption::Redeemer::start(
+        ctx.pool.clone(),
+        ctx.config.gateway.redemption_writers.max(1),
+    );
     let state = AppState {
         intake: entitle_jobs::inbox::Intake::start(intake_pool, writers as usize),
         redeemer,

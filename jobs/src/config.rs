@@ -94,6 +94,9 @@ pub struct GatewayConfig {
     /// gateway answers `503 database_unavailable`: channels retry later, and
     /// nobody waits on a dead database.
     pub database_acquire_timeout_ms: u64,
+    /// Writers that claim redemptions in group commits: each holds one
+    /// statement (and one WAL flush) in flight.
+    pub redemption_writers: usize,
     pub limits: GatewayLimits,
     pub timeouts: GatewayTimeouts,
 }
