@@ -161,7 +161,7 @@ async fn no_request_to_any_route_answers_5xx_or_leaves_a_half_written_order() {
     let app = TestApp::spawn().await;
     let operations = operations(&app).await;
     assert!(operations.len() > 40, "{} operations", operations.len());
-    let tokens = vec![
+    let tokens = [
         None,
         Some("ent_not_a_token".to_owned()),
         Some(app.token(Role::Support).await),
