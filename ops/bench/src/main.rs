@@ -5,9 +5,11 @@
 //! against a generated stand-in of Stripe's API, and the expiry sweep over
 //! 1,000,000 expiring codes among 5,000,000. Each prints its figures next to
 //! the floor it is held to, and exits non-zero when a figure misses one.
+//! `chaos` is the fault suite run by `ops/chaos.sh` (see [`chaos`]).
 
 #![recursion_limit = "256"] // serde_json::json! of a whole Stripe event
 
+mod chaos;
 mod engines;
 mod floor;
 mod load;
@@ -91,7 +93,7 @@ struct Cli {
     which: Option<Which>,
 }
 
-#[derive(Debug, Clone, Copy, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 enum Which {
     /// Webhook intake, backlog drains with one and two workers, a 100,000
     /// order drain and latency at a steady rate, on the release binaries.
@@ -111,6 +113,29 @@ enum Which {
     Expiry,
     /// All of them (the default).
     All,
+    /// The fault suite (ops/chaos.sh): a steady load from every channel on
+    /// a private Postgres and Redis, during worker SIGKILLs, a Redis flush,
+    /// Redis killed, Postgres restarted `-m immediate` and the SMTP server
+    /// down; fails when an order is lost or a code issued twice.
+    Chaos {
+        /// The short version (a few hundred orders, short faults), as the
+        /// test suite runs it.
+        #[arg(long)]
+        quick: bool,
+        /// The folder of the entitle-gateway and entitle-worker binaries
+        /// (default: beside this one, e.g. target/debug).
+        #[arg(long)]
+        binaries: Option<std::path::PathBuf>,
+        /// Orders a second (default 30; quick 10).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Worker SIGKILLs in the kill loop (default 25; quick 5).
+        #[arg(long)]
+        kills: Option<usize>,
+        /// Seconds the SMTP server is down (default 120; quick 10).
+        #[arg(long)]
+        smtp_down_secs: Option<u64>,
+    },
 }
 
 /// One measured figure and its floor (or ceiling).
@@ -318,7 +343,25 @@ async fn forget_queues(redis_url: &str) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let which = cli.which.unwrap_or(Which::All);
+    let which = cli.which.clone().unwrap_or(Which::All);
+    if let Which::Chaos {
+        quick,
+        binaries,
+        rate,
+        kills,
+        smtp_down_secs,
+    } = which
+    {
+        return chaos::run(&chaos::Options {
+            quick,
+            binaries,
+            rate,
+            kills,
+            smtp_down_secs,
+            keep: cli.keep,
+        })
+        .await;
+    }
     let mut figures = Vec::new();
     if matches!(which, Which::Pipeline | Which::Intake | Which::All) {
         figures.extend(

@@ -16,6 +16,8 @@ use mailin_embedded::{Handler, Response, Server, response};
 #[derive(Default)]
 struct Received {
     first: HashMap<String, Instant>,
+    /// Message-ID → how many times it arrived.
+    times: HashMap<String, usize>,
     total: usize,
 }
 
@@ -53,6 +55,7 @@ impl Handler for Counting {
         let id = message_id(&self.current).unwrap_or_default();
         let mut received = self.received.lock().expect("sink lock");
         received.total += 1;
+        *received.times.entry(id.clone()).or_insert(0) += 1;
         received.first.entry(id).or_insert(now);
         response::OK
     }
@@ -102,10 +105,16 @@ impl Sink {
         self.received.lock().expect("sink lock").first.clone()
     }
 
+    /// How many times each Message-ID arrived (more than once: a duplicate).
+    pub fn times(&self) -> HashMap<String, usize> {
+        self.received.lock().expect("sink lock").times.clone()
+    }
+
     /// Forgets what arrived (between phases).
     pub fn clear(&self) {
         let mut received = self.received.lock().expect("sink lock");
         received.first.clear();
+        received.times.clear();
         received.total = 0;
     }
 }

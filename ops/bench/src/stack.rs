@@ -20,6 +20,8 @@ pub const NATIVE_SECRET: &str = "whsec_YmVuY2htYXJrLW5hdGl2ZS1jaGVja291dC1zZWNyZ
 /// Stripe's webhook signing secret in the benchmarks (intake files Stripe
 /// events; nothing calls Stripe's API).
 pub const STRIPE_SECRET: &str = "whsec_benchmark_stripe_signing_secret";
+/// Shopify's webhook secret in the benchmarks.
+pub const SHOPIFY_SECRET: &str = "shpss_benchmark_shopify_webhook_secret";
 
 /// A running gateway, its workers and what they talk to.
 pub struct Stack {
@@ -47,10 +49,14 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-/// The folder the release binaries are in (beside this one).
-fn binaries() -> anyhow::Result<PathBuf> {
+/// The folder the gateway and worker binaries are in: `dir`, or beside this
+/// one (release beside release, debug beside debug).
+fn binaries(dir: Option<&Path>) -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe()?;
-    let dir = me.parent().context("the benchmark binary has a folder")?;
+    let dir = match dir {
+        Some(dir) => dir,
+        None => me.parent().context("the benchmark binary has a folder")?,
+    };
     for bin in ["entitle-gateway", "entitle-worker"] {
         if !dir.join(bin).exists() {
             bail!(
@@ -73,6 +79,19 @@ impl Stack {
         name: &str,
         pool_size: u32,
         settings: &[String],
+    ) -> anyhow::Result<Self> {
+        Self::prepare_with(admin_url, redis_url, name, pool_size, settings, None).await
+    }
+
+    /// [`Stack::prepare`] with the gateway and worker binaries taken from
+    /// `binaries` (default: beside this one).
+    pub async fn prepare_with(
+        admin_url: &str,
+        redis_url: &str,
+        name: &str,
+        pool_size: u32,
+        settings: &[String],
+        binaries: Option<&Path>,
     ) -> anyhow::Result<Self> {
         let database_url = seed::fresh_database(admin_url, name).await?;
         let sink = Sink::start()?;
@@ -109,6 +128,9 @@ webhook_secrets = ["{NATIVE_SECRET}"]
 [stripe]
 webhook_secrets = ["{STRIPE_SECRET}"]
 
+[shopify]
+webhook_secrets = ["{SHOPIFY_SECRET}"]
+
 [email]
 smtp_url = "smtp://127.0.0.1:{smtp}"
 redeem_url = "https://platform.bench/redeem"
@@ -120,7 +142,7 @@ message_id_domain = "entitle.bench"
                 smtp = sink.port,
             ),
         )?;
-        let binaries = binaries()?;
+        let binaries = self::binaries(binaries)?;
         let mut env = Vec::new();
         for setting in settings {
             let (key, value) = setting
@@ -191,6 +213,12 @@ message_id_domain = "entitle.bench"
         Ok(Stdio::from(file))
     }
 
+    /// Sets an environment variable for the processes started from now on
+    /// (e.g. `ENTITLE_EMAIL__SMTP_URL`).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
     /// Starts the gateway and waits until it answers.
     pub async fn start_gateway(&mut self) -> anyhow::Result<()> {
         let child = self
@@ -222,17 +250,37 @@ message_id_domain = "entitle.bench"
     /// Starts `n` worker processes, each with a metrics listener of its own
     /// (on the default port the second would fail to start).
     pub fn start_workers(&mut self, n: usize) -> anyhow::Result<()> {
-        for i in 0..n {
-            let what = format!("worker-{}", self.workers.len() + i);
-            let child = self
-                .command("entitle-worker", "run")
-                .env("ENTITLE_WORKER__METRICS_LISTEN", "127.0.0.1:0")
-                .stdout(self.log(&what)?)
-                .stderr(self.log(&what)?)
-                .spawn()
-                .context("starting entitle-worker")?;
+        for _ in 0..n {
+            let child = self.spawn_worker(self.workers.len())?;
             self.workers.push(child);
         }
+        Ok(())
+    }
+
+    /// Starts worker process `i` (its log is `worker-{i}.log`, appended).
+    fn spawn_worker(&self, i: usize) -> anyhow::Result<Child> {
+        let what = format!("worker-{i}");
+        self.command("entitle-worker", "run")
+            .env("ENTITLE_WORKER__METRICS_LISTEN", "127.0.0.1:0")
+            .stdout(self.log(&what)?)
+            .stderr(self.log(&what)?)
+            .spawn()
+            .context("starting entitle-worker")
+    }
+
+    /// Kills worker process `i` with SIGKILL (no shutdown, no cleanup, as a
+    /// crash or the OOM killer would) and waits until it is gone.
+    pub async fn kill_worker(&mut self, i: usize) -> anyhow::Result<()> {
+        let worker = self.workers.get_mut(i).context("no such worker")?;
+        worker.start_kill()?;
+        worker.wait().await?;
+        Ok(())
+    }
+
+    /// Starts worker process `i` again in its slot (after [`Stack::kill_worker`]).
+    pub fn restart_worker(&mut self, i: usize) -> anyhow::Result<()> {
+        let child = self.spawn_worker(i)?;
+        *self.workers.get_mut(i).context("no such worker")? = child;
         Ok(())
     }
 
