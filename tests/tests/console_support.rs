@@ -231,7 +231,7 @@ async fn the_reconciliation_report_lists_a_seeded_finding_and_it_is_resolved_wit
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_batch_of_five_is_created_and_its_csv_downloaded_once() {
+async fn a_batch_of_five_is_created_and_its_csv_downloaded_by_its_holder() {
     let app = app().await;
     let browser = signed_in(&app, "bea", Role::Operator).await;
     browser.click("nav a[href='/console/batches']").await;
@@ -280,6 +280,12 @@ async fn a_batch_of_five_is_created_and_its_csv_downloaded_once() {
     browser.goto(browser.path().await.as_str()).await;
     let text = browser.wait_for_text("downloaded").await;
     assert!(text.contains("bea"), "who downloaded it:\n{text}");
+    // The holder is offered the file again, within the window.
+    assert!(
+        text.contains("Download the codes again") && text.contains("download it again until"),
+        "the holder may download again:\n{text}"
+    );
+    browser.screenshot("console-batch-download-again").await;
 
     // Governance: the codes report counts them by origin and state.
     browser.click("nav a[href='/console/codes-report']").await;

@@ -119,6 +119,7 @@ pub struct BatchCreated {
     pub codes: Vec<CodeRef>,
     /// The email carrying the codes, when one was asked for.
     pub delivery: Option<Uuid>,
-    /// Where the codes can be downloaded, once.
+    /// Where the codes are downloaded (by one actor, again within
+    /// `codes.export_window_secs` of the first download).
     pub export: String,
 }

@@ -172,18 +172,31 @@ async fn show(
     .bind(id)
     .fetch_all(pool)
     .await?;
+    // The first download's actor holds the file.
     let exported_by: Option<(String, Option<String>)> = sqlx::query_as(
         "SELECT actor, reason FROM audit_event
-         WHERE subject_type = 'batch' AND subject_id = $1 AND action = 'batch.exported'",
+         WHERE subject_type = 'batch' AND subject_id = $1 AND action = 'batch.exported'
+         ORDER BY id LIMIT 1",
     )
     .bind(id.to_string())
     .fetch_optional(pool)
     .await?;
+    // The holder may download it again until then (a download that broke
+    // off); the domain refuses anyone else, and later.
+    let window = chrono::Duration::seconds(
+        i64::try_from(console.ctx.config.codes.export_window_secs).unwrap_or(i64::MAX / 1000),
+    );
+    let again_until = match (&exported_by, batch.exported_at) {
+        (Some((holder, _)), Some(at)) if *holder == staff.actor().name => {
+            Some(at + window).filter(|until| *until > Utc::now())
+        }
+        _ => None,
+    };
     render(
         "batch.html",
         Some(&staff),
         context! {
-            active => "batches", batch, codes, exported_by,
+            active => "batches", batch, codes, exported_by, again_until,
             can_operate => staff.role >= Role::Operator, done => done.done,
         },
     )
