@@ -137,15 +137,10 @@ pub async fn redeem(
     entity_ref: &str,
     caller: &str,
 ) -> Result<Redeemed, RedeemError> {
-    let claim = Claim {
-        hash: keys.hash(code),
-        account_id: account_id.to_owned(),
-        entity_ref: entity_ref.to_owned(),
-        caller: caller.to_owned(),
-    };
+    let claim = Claim::new(keys, code, account_id, entity_ref, caller);
     match claim_one(pool, &claim).await? {
         Some(redemption) => Ok(claimed(redemption)),
-        None => explain(pool, &claim).await,
+        None => explain(pool, &claim.hash, account_id, entity_ref).await,
     }
 }
 
@@ -162,6 +157,17 @@ pub struct Claim {
     pub account_id: String,
     pub entity_ref: String,
     pub caller: String,
+}
+
+impl Claim {
+    fn new(keys: &CodeKeys, code: &Code, account_id: &str, entity_ref: &str, caller: &str) -> Self {
+        Claim {
+            hash: keys.hash(code),
+            account_id: account_id.to_owned(),
+            entity_ref: entity_ref.to_owned(),
+            caller: caller.to_owned(),
+        }
+    }
 }
 
 async fn claim_one(pool: &PgPool, claim: &Claim) -> sqlx::Result<Option<Redemption>> {
@@ -314,32 +320,28 @@ impl Redeemer {
         entity_ref: &str,
         caller: &str,
     ) -> Result<Redeemed, RedeemError> {
-        let claim = Claim {
-            hash: keys.hash(code),
-            account_id: account_id.to_owned(),
-            entity_ref: entity_ref.to_owned(),
-            caller: caller.to_owned(),
-        };
+        let claim = Claim::new(keys, code, account_id, entity_ref, caller);
+        let hash = claim.hash.clone();
         let outcome = self
             .group
-            .submit(claim.clone())
+            .submit(claim)
             .await
             .unwrap_or(Err(sqlx::Error::PoolClosed))?;
         match outcome {
             Some(redemption) => Ok(claimed(redemption)),
-            None => explain(&self.pool, &claim).await,
+            None => explain(&self.pool, &hash, account_id, entity_ref).await,
         }
     }
 }
 
 /// Why a code was not claimed (and the same redemption again for its
 /// holder); a refusal is recorded on the code for support.
-async fn explain(pool: &PgPool, claim: &Claim) -> Result<Redeemed, RedeemError> {
-    let (hash, account_id, entity_ref) = (
-        &claim.hash,
-        claim.account_id.as_str(),
-        claim.entity_ref.as_str(),
-    );
+async fn explain(
+    pool: &PgPool,
+    hash: &[u8],
+    account_id: &str,
+    entity_ref: &str,
+) -> Result<Redeemed, RedeemError> {
     // Not claimed: say why, and keep the refused attempt for support.
     let mut tx = pool.begin().await?;
     let found = sqlx::query(

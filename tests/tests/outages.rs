@@ -14,6 +14,16 @@ use entitle_tests::{
 };
 use serde_json::json;
 
+/// What `/readyz` answers.
+async fn readiness(app: &TestApp) -> reqwest::StatusCode {
+    app.http
+        .get(format!("{}/readyz", app.address))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_postgres_down_the_gateway_answers_503_within_a_second_and_recovers_within_5_s() {
     let app = TestApp::spawn_behind_proxy(
@@ -67,13 +77,7 @@ async fn with_postgres_down_the_gateway_answers_503_within_a_second_and_recovers
         (status, body["code"].as_str()),
         (503, Some("database_unavailable"))
     );
-    let ready = app
-        .http
-        .get(format!("{}/readyz", app.address))
-        .send()
-        .await
-        .unwrap()
-        .status();
+    let ready = readiness(&app).await;
     assert_eq!(ready, 503);
     assert!(
         started.elapsed() < Duration::from_secs(3),
@@ -93,13 +97,7 @@ async fn with_postgres_down_the_gateway_answers_503_within_a_second_and_recovers
     )
     .await;
     assert!(back.elapsed() < Duration::from_secs(5));
-    let ready = app
-        .http
-        .get(format!("{}/readyz", app.address))
-        .send()
-        .await
-        .unwrap()
-        .status();
+    let ready = readiness(&app).await;
     assert_eq!(ready, 200);
     // Both orders are fulfilled: the refused webhook, sent again, was filed.
     app.wait_count("SELECT count(*) FROM orders WHERE issued_at IS NOT NULL", 2)
@@ -135,13 +133,7 @@ async fn with_redis_down_webhooks_are_filed_and_answered_at_once() {
         "slowest webhook {slowest:?}"
     );
     let started = Instant::now();
-    let ready = app
-        .http
-        .get(format!("{}/readyz", app.address))
-        .send()
-        .await
-        .unwrap()
-        .status();
+    let ready = readiness(&app).await;
     assert_eq!(ready, 200, "the gateway does not need Redis");
     assert!(started.elapsed() < Duration::from_secs(1));
     assert_eq!(
