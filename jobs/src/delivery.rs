@@ -173,17 +173,31 @@ pub struct Claimed {
     pub attempts: i32,
 }
 
+/// Deliveries claimed by one sender, held under a token of their own.
+#[derive(Debug)]
+pub struct Claim {
+    /// The token the claimed rows are held under now: the sender's alone.
+    pub token: Uuid,
+    pub deliveries: Vec<Claimed>,
+}
+
 /// Claims the deliveries among `ids` fed under `token` that are due and not
 /// sent: an attempt is counted and the lease renewed for `lease`.
+///
+/// The claim moves the rows to a fresh token, so the fed token claims them
+/// once: when the queue hands the same job to two senders (a redelivered
+/// job whose first run is still going), the second finds nothing to send.
 pub async fn claim(
     pool: &PgPool,
     token: Uuid,
     ids: &[Uuid],
     lease: std::time::Duration,
-) -> sqlx::Result<Vec<Claimed>> {
-    let mut claimed: Vec<Claimed> = sqlx::query_as(
+) -> sqlx::Result<Claim> {
+    let held = Uuid::now_v7();
+    let mut deliveries: Vec<Claimed> = sqlx::query_as(
         "UPDATE email_delivery
-         SET attempts = attempts + 1, leased_until = now() + make_interval(secs => $3)
+         SET attempts = attempts + 1, leased_until = now() + make_interval(secs => $3),
+             lease_token = $4
          WHERE id = ANY($1) AND lease_token = $2 AND status IN ('pending', 'sending')
            AND due_at <= now()
          RETURNING id, kind, order_id, recipient_email, recipient_name, message_id, attempts",
@@ -191,10 +205,14 @@ pub async fn claim(
     .bind(ids)
     .bind(token)
     .bind(lease.as_secs_f64())
+    .bind(held)
     .fetch_all(pool)
     .await?;
-    claimed.sort_by_key(|c| c.id);
-    Ok(claimed)
+    deliveries.sort_by_key(|c| c.id);
+    Ok(Claim {
+        token: held,
+        deliveries,
+    })
 }
 
 /// Records that the SMTP server accepted these deliveries (id and the

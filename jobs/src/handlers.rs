@@ -281,14 +281,17 @@ pub async fn send_deliveries(
     ids: &[Uuid],
 ) -> Result<DeliveriesDone, JobError> {
     let lease = ctx.config.lease();
-    let claimed = delivery::claim(&ctx.pool, token, ids, lease).await?;
+    let delivery::Claim {
+        token: held,
+        deliveries: claimed,
+    } = delivery::claim(&ctx.pool, token, ids, lease).await?;
     if claimed.is_empty() {
         return Ok(DeliveriesDone::default());
     }
     let keeper = LeaseKeeper::start(
         ctx.pool.clone(),
         Work::Deliveries,
-        token,
+        held,
         claimed.iter().map(|c| c.id).collect(),
         lease,
     );

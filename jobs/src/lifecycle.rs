@@ -608,10 +608,14 @@ pub async fn unassign(
     let code = lock(conn, id).await?;
     code.state.check(Change::Unassign)?;
     let before = end_assignment(conn, id, "unassigned").await?;
-    sqlx::query("UPDATE activation_code SET state = 'issued', redeemed_at = NULL WHERE id = $1")
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
+    // Issued again: the expiry sweep must pass it (again) at its expiry.
+    sqlx::query(
+        "UPDATE activation_code SET state = 'issued', redeemed_at = NULL, swept_at = NULL
+         WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
     who.audit(
         conn,
         "code.unassigned",
@@ -646,9 +650,11 @@ pub struct ExpiryChanged {
 }
 
 /// The SQL that moves codes to a new expiry ($2): extending an expired code
-/// brings it back to issued.
+/// brings it back to issued, and the expiry sweep passes it again at its
+/// new expiry.
 const SET_EXPIRY: &str = "
     expires_at = $2,
+    swept_at = NULL,
     state = CASE WHEN c.state = 'expired' AND $2 > now() THEN 'issued' ELSE c.state END,
     expired_at = CASE WHEN c.state = 'expired' AND $2 > now() THEN NULL ELSE c.expired_at END";
 

@@ -125,21 +125,35 @@ async fn vacuum_queues_without_autovacuum(pool: &PgPool) -> sqlx::Result<bool> {
 /// Expires unredeemed codes past their expiry, `batch` per transaction, each
 /// with its audit event. Rows a redemption holds are skipped, not waited
 /// for, and picked up by the next batch or tick.
+///
+/// The sweep passes every code once its expiry is behind it, whatever its
+/// state, and marks it `swept_at`: that takes it out of the expiry index,
+/// which names no state so that redemption's update stays HOT (see the
+/// migration `redemption_hot`). Only codes still issued change state.
 pub async fn expire(pool: &PgPool, batch: i64) -> Result<Value, JobError> {
     let mut total = 0usize;
     loop {
         let mut tx = pool.begin().await?;
-        let expired: Vec<(Uuid, String)> = sqlx::query_as(
-            "UPDATE activation_code SET state = 'expired', expired_at = now()
-             WHERE id IN (SELECT id FROM activation_code
-                          WHERE state = 'issued' AND expires_at <= now()
+        let swept: Vec<(Uuid, String, bool)> = sqlx::query_as(
+            "WITH due AS (SELECT id, state FROM activation_code
+                          WHERE swept_at IS NULL AND expires_at <= now()
                           ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
-               AND state = 'issued'
-             RETURNING id, last4",
+             UPDATE activation_code c
+             SET swept_at = now(),
+                 state = CASE WHEN due.state = 'issued' THEN 'expired' ELSE c.state END,
+                 expired_at = CASE WHEN due.state = 'issued' THEN now() ELSE c.expired_at END
+             FROM due WHERE c.id = due.id
+             RETURNING c.id, c.last4, due.state = 'issued'",
         )
         .bind(batch)
         .fetch_all(&mut *tx)
         .await?;
+        let passed = swept.len();
+        let expired: Vec<(Uuid, String)> = swept
+            .into_iter()
+            .filter(|(_, _, was_issued)| *was_issued)
+            .map(|(id, last4, _)| (id, last4))
+            .collect();
         let events: Vec<(String, Value)> = expired
             .iter()
             .map(|(id, last4)| {
@@ -154,7 +168,7 @@ pub async fn expire(pool: &PgPool, batch: i64) -> Result<Value, JobError> {
         platform_event::record_codes(&mut tx, Kind::CodeExpired, &ids, json!({})).await?;
         tx.commit().await?;
         total += expired.len();
-        if (expired.len() as i64) < batch {
+        if (passed as i64) < batch {
             break;
         }
     }
@@ -236,7 +250,8 @@ pub async fn remind(
         let due: Vec<(Uuid, Uuid, String, Option<String>)> = sqlx::query_as(
             "WITH due AS (
                  SELECT c.id FROM activation_code c
-                 WHERE c.state = 'issued' AND c.reminded_at IS NULL AND c.order_line_id IS NOT NULL
+                 WHERE c.swept_at IS NULL AND c.state = 'issued' AND c.reminded_at IS NULL
+                   AND c.order_line_id IS NOT NULL
                    AND c.expires_at > now() AND c.expires_at <= now() + make_interval(days => $1)
                  ORDER BY c.expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)
              UPDATE activation_code c SET reminded_at = now()

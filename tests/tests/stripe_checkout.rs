@@ -321,6 +321,62 @@ async fn concurrent_jobs_for_the_same_event_issue_its_codes_once() {
     );
 }
 
+/// The queue may hand one delivery job to two senders at once (a job
+/// redelivered while its first run still goes). The claim moves the rows to
+/// the claiming sender's own token, so the fed token sends once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_jobs_for_the_same_delivery_send_its_email_once() {
+    let app = TestApp::spawn_with(entitle_tests::Options {
+        smtp: true,
+        worker: false,
+    })
+    .await;
+    mount_line_items(&app.stripe, "cs_test_twice", &[("price_basic_kit", 2)]).await;
+    let response = app
+        .post_stripe(&paid_session(
+            "evt_twice",
+            "cs_test_twice",
+            "gus@example.com",
+        ))
+        .await;
+    let inbox_id: uuid::Uuid = response.json::<Value>().await.unwrap()["event"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    entitle_jobs::handlers::process_now(&app.ctx, &[inbox_id])
+        .await
+        .expect("the event is processed");
+    let delivery: uuid::Uuid = sqlx::query_scalar("SELECT id FROM email_delivery")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+
+    let (token, leased) = entitle_jobs::feed::lease_now(
+        &app.pool,
+        entitle_jobs::feed::Work::Deliveries,
+        &[delivery],
+        std::time::Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    assert_eq!(leased, vec![delivery]);
+    let runs = (0..5).map(|_| entitle_jobs::handlers::send_deliveries(&app.ctx, token, &leased));
+    let done = futures_join_all(runs).await;
+    let claimed: usize = done
+        .into_iter()
+        .map(|d| d.expect("every run succeeds").claimed)
+        .sum();
+
+    assert_eq!(claimed, 1, "one run claimed the delivery");
+    assert_eq!(app.mailbox().messages().len(), 1, "the email went once");
+    assert_eq!(
+        app.count("SELECT count(*) FROM email_delivery WHERE status = 'sent' AND attempts = 1")
+            .await,
+        1
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_bad_signature_or_a_stale_timestamp_gets_400_and_stores_nothing() {
     let app = TestApp::spawn().await;

@@ -260,6 +260,66 @@ async fn expired_codes_expire_in_batches_without_waiting_on_a_redemption() {
     assert_eq!(status, 201, "the unexpired code still works");
 }
 
+/// Redemption's update of a code touches no indexed column, so Postgres
+/// makes it HOT (no new index entries: redemption is the hot path). The
+/// expiry index therefore holds redeemed codes too, until the sweep passes
+/// their expiry: it marks them swept and leaves them redeemed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redemptions_add_no_index_entries_and_the_sweep_passes_redeemed_codes_once() {
+    let app = TestApp::spawn().await;
+    let codes = app.batch_codes("KIT-BASIC", 40).await;
+    for (i, code) in codes.iter().enumerate().take(30) {
+        let (status, _) = app.redeem(code, &format!("acct-{i}"), "e").await;
+        assert_eq!(status, 201);
+    }
+    let (updates, hot): (i64, i64) = eventually(
+        "the redemptions counted in the table's statistics",
+        Duration::from_secs(20),
+        || async {
+            let counted: (i64, i64) = sqlx::query_as(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables
+                 WHERE relname = 'activation_code'",
+            )
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+            (counted.0 >= 30).then_some(counted)
+        },
+    )
+    .await;
+    assert_eq!(hot, updates, "every redemption was a HOT update");
+
+    sqlx::query("UPDATE activation_code SET expires_at = now() - interval '1 minute'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let summary = entitle_jobs::sweep::expire(&app.pool, 16).await.unwrap();
+    assert_eq!(summary["expired"], 10, "only the unredeemed codes expire");
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM activation_code WHERE state = 'redeemed' AND swept_at IS NOT NULL"
+        )
+        .await,
+        30,
+        "redeemed codes stay redeemed, passed by the sweep"
+    );
+    assert_eq!(
+        entitle_jobs::sweep::expire(&app.pool, 16).await.unwrap()["expired"],
+        0
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM activation_code WHERE swept_at IS NULL")
+            .await,
+        0,
+        "the sweep has nothing left to pass"
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM audit_event WHERE action = 'code.expired'")
+            .await,
+        10
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn raw_bodies_are_pruned_after_the_retention_period_and_nothing_else() {
     let app = TestApp::spawn().await;

@@ -79,8 +79,12 @@ pub async fn page(
         "SELECT
            (SELECT count(*) FROM activation_code
             WHERE issued_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'),
-           (SELECT count(*) FROM activation_code
-            WHERE redeemed_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')",
+           -- The day's redemptions by the audit log's time index (codes keep
+           -- no index on redeemed_at: redemption's update stays HOT); a
+           -- code redeemed, unassigned and redeemed again counts once.
+           (SELECT count(DISTINCT subject_id) FROM audit_event
+            WHERE action = 'code.redeemed'
+              AND occurred_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')",
     )
     .fetch_one(pool)
     .await?;
