@@ -36,7 +36,8 @@ pub const SHOPIFY_PREVIOUS_SECRET: &str = "shpss_test_previous";
 /// The native checkout's Standard Webhooks secret in tests.
 pub const NATIVE_SECRET: &str = "whsec_bmF0aXZlLWNoZWNrb3V0LXRlc3Qtc2VjcmV0";
 
-fn admin_database_url() -> String {
+/// The administrative connection tests make their databases with.
+pub fn admin_database_url() -> String {
     std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
