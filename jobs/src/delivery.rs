@@ -218,6 +218,12 @@ pub async fn claim(
 /// Records that the SMTP server accepted these deliveries (id and the
 /// server's reply), with their audit events, in one statement. Returns how
 /// many were recorded (a delivery already recorded is not again).
+///
+/// One statement in its own implicit transaction, on purpose: once
+/// Postgres has received it, it commits whether or not this process lives
+/// to read the answer, so a worker killed after that moment does not send
+/// the email again. (An explicit transaction would need a further round
+/// trip for its COMMIT, which the kill could beat.)
 pub async fn mark_sent(pool: &PgPool, sent: &[(Uuid, String)]) -> sqlx::Result<u64> {
     if sent.is_empty() {
         return Ok(0);
@@ -246,29 +252,47 @@ pub async fn mark_sent(pool: &PgPool, sent: &[(Uuid, String)]) -> sqlx::Result<u
     .rows_affected())
 }
 
+/// Writes of accepted deliveries in flight at once: a message accepted
+/// while one write waits on its commit goes out in another straight away,
+/// since the time between "accepted" and "recorded" is when a killed worker
+/// sends an email twice.
+const RECORDS_IN_FLIGHT: usize = 4;
+
 /// Records accepted deliveries as they come in: each write takes whatever
-/// was accepted while the previous one ran (group commit), so at low load a
-/// message is recorded the moment it is accepted, and at high load one
-/// statement records many. Returns how many were recorded.
+/// was accepted since the last one left (group commit), up to
+/// [`RECORDS_IN_FLIGHT`] writes at once, so at low load a message is
+/// recorded the moment it is accepted, and at high load one statement
+/// records many. Returns how many were recorded.
 pub async fn record_sent_as_accepted(
     pool: PgPool,
     mut accepted: tokio::sync::mpsc::UnboundedReceiver<(Uuid, String)>,
 ) -> u64 {
-    let mut recorded = 0;
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(RECORDS_IN_FLIGHT));
+    let mut writes = tokio::task::JoinSet::new();
     while let Some(first) = accepted.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
         let mut group = vec![first];
         while let Ok(next) = accepted.try_recv() {
             group.push(next);
         }
-        match mark_sent(&pool, &group).await {
-            Ok(n) => recorded += n,
-            // Sent but not recorded: the lease lapses and they are sent
-            // again, with the same Message-IDs.
-            Err(e) => tracing::error!(error = %e, emails = group.len(),
-                "emails sent but not recorded; they will be sent again"),
-        }
+        let pool = pool.clone();
+        writes.spawn(async move {
+            let _slot = slot;
+            match mark_sent(&pool, &group).await {
+                Ok(n) => n,
+                // Sent but not recorded: the lease lapses and they are sent
+                // again, with the same Message-IDs.
+                Err(e) => {
+                    tracing::error!(error = %e, emails = group.len(),
+                        "emails sent but not recorded; they will be sent again");
+                    0
+                }
+            }
+        });
     }
-    recorded
+    writes.join_all().await.into_iter().sum()
 }
 
 /// Records that a claimed delivery had nothing left to send (every code it
