@@ -98,10 +98,20 @@ pub async fn run(
     };
     let writers = (ctx.config.database.max_connections / 4).max(1);
     let intake_pool = entitle_jobs::db::connect_sized(&database, writers).await?;
-    // Redemptions share commits the same way, on the main pool.
+    // Redemptions share commits the same way, on connections of their own
+    // that never wait long for a held code (the request then waits for it
+    // on the main pool).
+    let redemption_writers = ctx.config.gateway.redemption_writers.max(1);
+    let redemption_pool = entitle_jobs::db::connect_with_settings(
+        &database,
+        redemption_writers as u32,
+        entitle_jobs::redemption::Redeemer::WRITER_SETTINGS,
+    )
+    .await?;
     let redeemer = entitle_jobs::redemption::Redeemer::start(
+        redemption_pool,
         ctx.pool.clone(),
-        ctx.config.gateway.redemption_writers.max(1),
+        redemption_writers,
     );
     let state = AppState {
         intake: entitle_jobs::inbox::Intake::start(intake_pool, writers as usize),

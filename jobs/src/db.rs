@@ -2,7 +2,12 @@
 
 use anyhow::Context as _;
 use secrecy::ExposeSecret;
-use sqlx::{PgPool, postgres::PgPoolOptions};
+use std::str::FromStr;
+
+use sqlx::{
+    PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
 
 use crate::config::DatabaseConfig;
 
@@ -17,6 +22,19 @@ pub async fn connect(config: &DatabaseConfig) -> anyhow::Result<PgPool> {
 /// Opens a pool of `size` connections to the configured database (the
 /// gateway's webhook intake has its own).
 pub async fn connect_sized(config: &DatabaseConfig, size: u32) -> anyhow::Result<PgPool> {
+    connect_with_settings(config, size, &[]).await
+}
+
+/// [`connect_sized`], with server settings (`name`, `value`) every
+/// connection of the pool starts with.
+pub async fn connect_with_settings(
+    config: &DatabaseConfig,
+    size: u32,
+    settings: &[(&str, &str)],
+) -> anyhow::Result<PgPool> {
+    let options = PgConnectOptions::from_str(config.url.expose_secret())
+        .context("Failed to parse database.url")?
+        .options(settings.iter().copied());
     PgPoolOptions::new()
         .max_connections(size)
         // No ping before each use: on the hot paths it is a round trip per
@@ -25,7 +43,7 @@ pub async fn connect_sized(config: &DatabaseConfig, size: u32) -> anyhow::Result
         // replaced.
         .test_before_acquire(false)
         .acquire_timeout(std::time::Duration::from_millis(config.acquire_timeout_ms))
-        .connect(config.url.expose_secret())
+        .connect_with(options)
         .await
         .context("Failed to connect to Postgres (database.url)")
 }

@@ -19,7 +19,7 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, pool::PoolConnection};
 use uuid::Uuid;
 
 use crate::{
@@ -224,7 +224,7 @@ pub async fn claim(
 /// to read the answer, so a worker killed after that moment does not send
 /// the email again. (An explicit transaction would need a further round
 /// trip for its COMMIT, which the kill could beat.)
-pub async fn mark_sent(pool: &PgPool, sent: &[(Uuid, String)]) -> sqlx::Result<u64> {
+pub async fn mark_sent(conn: &mut PgConnection, sent: &[(Uuid, String)]) -> sqlx::Result<u64> {
     if sent.is_empty() {
         return Ok(0);
     }
@@ -247,52 +247,62 @@ pub async fn mark_sent(pool: &PgPool, sent: &[(Uuid, String)]) -> sqlx::Result<u
     .bind(&ids)
     .bind(&replies)
     .bind(audit::WORKER)
-    .execute(pool)
+    .execute(conn)
     .await?
     .rows_affected())
 }
 
-/// Writes of accepted deliveries in flight at once: a message accepted
-/// while one write waits on its commit goes out in another straight away,
-/// since the time between "accepted" and "recorded" is when a killed worker
-/// sends an email twice.
-const RECORDS_IN_FLIGHT: usize = 4;
+/// A connection for [`record_sent_as_accepted`], taken before the first
+/// message goes and known to answer (the pool does not test connections
+/// it hands out, and one left from before a Postgres restart fails its
+/// first statement).
+pub async fn recording_connection(pool: &PgPool) -> sqlx::Result<PoolConnection<Postgres>> {
+    let mut conn = pool.acquire().await?;
+    if conn.ping().await.is_err() {
+        conn.close_on_drop();
+        drop(conn);
+        conn = pool.acquire().await?;
+        conn.ping().await?;
+    }
+    Ok(conn)
+}
 
-/// Records accepted deliveries as they come in: each write takes whatever
-/// was accepted since the last one left (group commit), up to
-/// [`RECORDS_IN_FLIGHT`] writes at once, so at low load a message is
+/// Records accepted deliveries as they come in, on `conn` (from
+/// [`recording_connection`]): an accepted message never waits for the
+/// pool, since the time between "accepted" and "recorded" is when a killed
+/// worker sends an email twice. Each write takes whatever was accepted
+/// while the previous one ran (group commit), so at low load a message is
 /// recorded the moment it is accepted, and at high load one statement
-/// records many. Returns how many were recorded.
+/// records many. A write that fails is tried once more on a fresh
+/// connection from `pool`. Returns how many were recorded.
 pub async fn record_sent_as_accepted(
     pool: PgPool,
+    mut conn: PoolConnection<Postgres>,
     mut accepted: tokio::sync::mpsc::UnboundedReceiver<(Uuid, String)>,
 ) -> u64 {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(RECORDS_IN_FLIGHT));
-    let mut writes = tokio::task::JoinSet::new();
+    let mut recorded = 0;
     while let Some(first) = accepted.recv().await {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            break;
-        };
         let mut group = vec![first];
         while let Ok(next) = accepted.try_recv() {
             group.push(next);
         }
-        let pool = pool.clone();
-        writes.spawn(async move {
-            let _slot = slot;
-            match mark_sent(&pool, &group).await {
-                Ok(n) => n,
-                // Sent but not recorded: the lease lapses and they are sent
-                // again, with the same Message-IDs.
-                Err(e) => {
-                    tracing::error!(error = %e, emails = group.len(),
-                        "emails sent but not recorded; they will be sent again");
-                    0
-                }
-            }
-        });
+        let mut written = mark_sent(&mut conn, &group).await;
+        if written.is_err()
+            && let Ok(fresh) = pool.acquire().await
+        {
+            conn.close_on_drop();
+            conn = fresh;
+            written = mark_sent(&mut conn, &group).await;
+        }
+        match written {
+            Ok(n) => recorded += n,
+            // Sent but not recorded: the lease lapses and they are sent
+            // again, with the same Message-IDs.
+            Err(e) => tracing::error!(error = %e, emails = group.len(),
+                "emails sent but not recorded; they will be sent again"),
+        }
     }
-    writes.join_all().await.into_iter().sum()
+    recorded
 }
 
 /// Records that a claimed delivery had nothing left to send (every code it

@@ -311,15 +311,7 @@ pub async fn send_deliveries(
         Ok(rendered) => rendered,
         Err(e) => {
             keeper.stop().await;
-            let problems: Vec<Problem> = claimed
-                .iter()
-                .map(|c| Problem {
-                    id: c.id,
-                    code: "database_unavailable",
-                    detail: format!("{e:#}"),
-                    attempts: c.attempts,
-                })
-                .collect();
+            let problems = database_setbacks(claimed.iter(), format!("{e:#}"));
             delivery::retry_later(&ctx.pool, &problems, &ctx.config.delivery_retries()).await?;
             done.retrying = problems.len();
             return Ok(done);
@@ -345,8 +337,23 @@ pub async fn send_deliveries(
     }
     let connections = ctx.config.email.smtp_connections as usize;
     let (accepted, to_record) = tokio::sync::mpsc::unbounded_channel();
+    // The recorder's connection is taken before the first message goes, so
+    // an accepted message never waits for a busy pool to be recorded.
+    let recording = match delivery::recording_connection(&ctx.pool).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            keeper.stop().await;
+            let problems = database_setbacks(letters.iter().map(|(c, _)| c), format!("{e:#}"));
+            delivery::fail(&ctx.pool, &failures).await?;
+            delivery::retry_later(&ctx.pool, &problems, &ctx.config.delivery_retries()).await?;
+            done.failed = failures.len();
+            done.retrying = problems.len();
+            return Ok(done);
+        }
+    };
     let recorder = tokio::spawn(delivery::record_sent_as_accepted(
         ctx.pool.clone(),
+        recording,
         to_record,
     ));
     let results: Vec<_> = stream::iter(letters)
@@ -390,6 +397,22 @@ pub async fn send_deliveries(
     delivery::retry_later(&ctx.pool, &setbacks, &ctx.config.delivery_retries()).await?;
     tracing::debug!(?done, "delivery batch done");
     Ok(done)
+}
+
+/// Deliveries that could not go because Postgres did not answer: each is
+/// tried again after its backoff.
+fn database_setbacks<'a>(
+    deliveries: impl Iterator<Item = &'a delivery::Claimed>,
+    detail: String,
+) -> Vec<Problem> {
+    deliveries
+        .map(|c| Problem {
+            id: c.id,
+            code: "database_unavailable",
+            detail: detail.clone(),
+            attempts: c.attempts,
+        })
+        .collect()
 }
 
 /// Sends one letter; when the server accepts it, hands it at once to the

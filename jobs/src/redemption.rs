@@ -289,6 +289,18 @@ pub async fn claim_many(pool: &PgPool, claims: &[Claim]) -> Vec<sqlx::Result<Opt
 /// Most redemptions claimed in one statement.
 const MAX_GROUP: usize = 32;
 
+/// How long a group's claim waits for a code another transaction holds (a
+/// revocation, a refund, the reminder sweep) before the writer hands that
+/// code back to its own request: the writers serve every redemption, and
+/// one held code must not hold up the rest. A server setting of the
+/// writers' connections ([`Redeemer::WRITER_SETTINGS`]).
+const GROUP_LOCK_TIMEOUT: &str = "50ms";
+
+/// Whether Postgres gave up waiting for a row lock (`lock_not_available`).
+fn lock_timed_out(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
+}
+
 /// The gateway's redemptions: concurrent requests claimed in group commits
 /// (see [`crate::group`]), so at load one statement and one WAL flush serve
 /// many; each caller is answered once its own claim is committed.
@@ -299,9 +311,13 @@ pub struct Redeemer {
 }
 
 impl Redeemer {
-    /// Starts `writers` writers on the current runtime.
-    pub fn start(pool: PgPool, writers: usize) -> Self {
-        let writing = pool.clone();
+    /// The server settings of the writers' connections.
+    pub const WRITER_SETTINGS: &[(&str, &str)] = &[("lock_timeout", GROUP_LOCK_TIMEOUT)];
+
+    /// Starts `writers` writers on the current runtime, claiming on
+    /// `writing` (connections with [`Self::WRITER_SETTINGS`]); refusals are
+    /// explained, and held codes claimed, on `pool`.
+    pub fn start(writing: PgPool, pool: PgPool, writers: usize) -> Self {
         Redeemer {
             group: crate::group::Group::spawn(writers, MAX_GROUP, move |claims: Vec<Claim>| {
                 let pool = writing.clone();
@@ -322,11 +338,15 @@ impl Redeemer {
     ) -> Result<Redeemed, RedeemError> {
         let claim = Claim::new(keys, code, account_id, entity_ref, caller);
         let hash = claim.hash.clone();
-        let outcome = self
-            .group
-            .submit(claim)
-            .await
-            .unwrap_or(Err(sqlx::Error::PoolClosed))?;
+        let outcome = match self.group.submit(claim).await {
+            Some(Err(e)) if lock_timed_out(&e) => {
+                // Another transaction holds the code: wait for it here, on
+                // this request's own connection, not in a writer.
+                let claim = Claim::new(keys, code, account_id, entity_ref, caller);
+                claim_one(&self.pool, &claim).await?
+            }
+            outcome => outcome.unwrap_or(Err(sqlx::Error::PoolClosed))?,
+        };
         match outcome {
             Some(redemption) => Ok(claimed(redemption)),
             None => explain(&self.pool, &hash, account_id, entity_ref).await,

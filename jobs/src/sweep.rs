@@ -122,6 +122,19 @@ async fn vacuum_queues_without_autovacuum(pool: &PgPool) -> sqlx::Result<bool> {
     Ok(true)
 }
 
+/// One batch ($1 codes) of the expiry sweep: the codes whose expiry is
+/// behind them and that the sweep has not passed, by the expiry index.
+pub const EXPIRE_SQL: &str = "
+    WITH due AS (SELECT id, state FROM activation_code
+                 WHERE swept_at IS NULL AND expires_at <= now()
+                 ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+    UPDATE activation_code c
+    SET swept_at = now(),
+        state = CASE WHEN due.state = 'issued' THEN 'expired' ELSE c.state END,
+        expired_at = CASE WHEN due.state = 'issued' THEN now() ELSE c.expired_at END
+    FROM due WHERE c.id = due.id
+    RETURNING c.id, c.last4, due.state = 'issued'";
+
 /// Expires unredeemed codes past their expiry, `batch` per transaction, each
 /// with its audit event. Rows a redemption holds are skipped, not waited
 /// for, and picked up by the next batch or tick.
@@ -134,20 +147,10 @@ pub async fn expire(pool: &PgPool, batch: i64) -> Result<Value, JobError> {
     let mut total = 0usize;
     loop {
         let mut tx = pool.begin().await?;
-        let swept: Vec<(Uuid, String, bool)> = sqlx::query_as(
-            "WITH due AS (SELECT id, state FROM activation_code
-                          WHERE swept_at IS NULL AND expires_at <= now()
-                          ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
-             UPDATE activation_code c
-             SET swept_at = now(),
-                 state = CASE WHEN due.state = 'issued' THEN 'expired' ELSE c.state END,
-                 expired_at = CASE WHEN due.state = 'issued' THEN now() ELSE c.expired_at END
-             FROM due WHERE c.id = due.id
-             RETURNING c.id, c.last4, due.state = 'issued'",
-        )
-        .bind(batch)
-        .fetch_all(&mut *tx)
-        .await?;
+        let swept: Vec<(Uuid, String, bool)> = sqlx::query_as(EXPIRE_SQL)
+            .bind(batch)
+            .fetch_all(&mut *tx)
+            .await?;
         let passed = swept.len();
         let expired: Vec<(Uuid, String)> = swept
             .into_iter()

@@ -436,7 +436,7 @@ async fn every_route_the_gateway_serves_is_documented_and_only_those() {
         ctx: app.ctx.clone(),
         metrics: entitle_jobs::telemetry::metrics(),
         intake: entitle_jobs::inbox::Intake::start(app.pool.clone(), 1),
-        redeemer: entitle_jobs::redemption::Redeemer::start(app.pool.clone(), 1),
+        redeemer: entitle_jobs::redemption::Redeemer::start(app.pool.clone(), app.pool.clone(), 1),
         platform: std::sync::Arc::new(entitle_gateway::platform::Gate::new(
             &app.ctx.config.gateway,
         )),

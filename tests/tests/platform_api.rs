@@ -26,6 +26,56 @@ fn redeem_body(code: &str, account: &str) -> Value {
     json!({ "code": code, "account_id": account, "entity_ref": "me" })
 }
 
+/// Redemptions are claimed in group commits by one writer. A code another
+/// transaction holds (a revocation, a refund, the reminder sweep) must hold
+/// up only its own request: the writer gives it back after a short lock
+/// timeout, and the request waits for the code on its own connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_code_held_by_another_transaction_holds_up_only_its_own_redemption() {
+    let app = std::sync::Arc::new(TestApp::spawn_with(quiet()).await);
+    let codes = app.batch_codes("KIT-BASIC", 3).await;
+    let held_hash = app
+        .ctx
+        .keys
+        .hash(&entitle_jobs::code::Code::parse(&codes[0]).expect("a code"));
+    let mut holder = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM activation_code WHERE code_hash = $1 FOR UPDATE")
+        .bind(&held_hash)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+
+    let waiting = {
+        let (app, code) = (app.clone(), codes[0].clone());
+        tokio::spawn(async move { app.redeem(&code, "acct_held", "me").await })
+    };
+    // Give the held code's claim time to reach the writer first.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for (n, code) in codes[1..].iter().enumerate() {
+        let started = Instant::now();
+        let (status, _) = app.redeem(code, &format!("acct_free_{n}"), "me").await;
+        assert_eq!(status, 201);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "a free code waited {:?} behind a held one",
+            started.elapsed()
+        );
+    }
+    assert!(!waiting.is_finished(), "the held code waits for its holder");
+
+    holder.rollback().await.unwrap();
+    let (status, answer) = waiting.await.unwrap();
+    assert_eq!(
+        (status, answer["account_id"].as_str()),
+        (201, Some("acct_held"))
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM activation_code WHERE state = 'redeemed'")
+            .await,
+        3
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redemption_needs_a_platform_key_and_records_the_caller() {
     let app = TestApp::spawn_with(quiet()).await;

@@ -21,9 +21,14 @@ fn sockets_to(port: u16) -> Vec<(SocketAddr, OwnedFd)> {
         if !is_socket {
             continue;
         }
-        // It may have closed since the listing.
-        let Ok(duplicate) = pidfd_getfd(&me, fd, PidfdGetfdFlags::empty()) else {
-            continue;
+        let duplicate = match pidfd_getfd(&me, fd, PidfdGetfdFlags::empty()) {
+            Ok(duplicate) => duplicate,
+            // It closed since the listing.
+            Err(rustix::io::Errno::BADF) => continue,
+            Err(e) => panic!(
+                "pidfd_getfd on this process's own descriptor {fd} failed ({e}): \
+                 it needs Linux 5.6 and may be refused by a seccomp profile"
+            ),
         };
         let peer = socket2::SockRef::from(&duplicate)
             .peer_addr()

@@ -325,6 +325,30 @@ async fn redemptions_add_no_index_entries_and_the_sweep_passes_redeemed_codes_on
             .await,
         10
     );
+
+    // A redeemed code the sweep passed, unassigned: issued again, its
+    // expiry behind it, so the next sweep expires it.
+    let passed: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM activation_code WHERE state = 'redeemed' LIMIT 1")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    let operator = app.token(entitle_jobs::token::Role::Operator).await;
+    let (status, answer) = app
+        .admin(
+            "POST",
+            &format!("/admin/v1/codes/{passed}/unassign"),
+            Some(&operator),
+            Some(json!({ "reason": "assigned to the wrong account" })),
+            Some("unassign-after-sweep"),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        entitle_jobs::sweep::expire(&app.pool, 16).await.unwrap()["expired"],
+        1,
+        "the unassigned code is expired by the next sweep"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

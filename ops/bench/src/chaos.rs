@@ -1070,6 +1070,66 @@ async fn report(
         stack.sink.total(),
         stack.sink.distinct()
     );
+    // How long an accepted email went unrecorded: a worker killed in that
+    // window sends it again. Postgres' `sent_at` is when the recording
+    // statement started.
+    let recorded: Vec<(String, f64)> = sqlx::query_as(
+        "SELECT message_id, extract(epoch FROM sent_at)::float8 FROM email_delivery
+         WHERE status = 'sent'",
+    )
+    .fetch_all(&stack.pool)
+    .await?;
+    let accepted_at = stack.sink.arrivals_wall();
+    let mut gaps: Vec<f64> = recorded
+        .iter()
+        .filter_map(|(id, sent)| {
+            let at = accepted_at.get(id)?;
+            let at = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64();
+            Some((sent - at) * 1000.0)
+        })
+        .collect();
+    gaps.sort_by(f64::total_cmp);
+    if !gaps.is_empty() {
+        let at = |q: f64| gaps[((gaps.len() - 1) as f64 * q) as usize];
+        println!(
+            "  accepted by SMTP → recording statement started: p50 {:.1} ms, p90 {:.1} ms, \
+             p99 {:.1} ms, max {:.1} ms ({} emails)",
+            at(0.5),
+            at(0.9),
+            at(0.99),
+            gaps[gaps.len() - 1],
+            gaps.len()
+        );
+    }
+    // Which emails came twice, and what Postgres says of each: where to
+    // look (the deliveries' attempts and audit events, the workers' logs).
+    let mut twice: Vec<String> = times
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, _)| id.clone())
+        .collect();
+    twice.sort();
+    for id in twice.iter().take(20) {
+        let row: Option<(uuid::Uuid, i32, String)> =
+            sqlx::query_as("SELECT id, attempts, status FROM email_delivery WHERE message_id = $1")
+                .bind(id)
+                .fetch_optional(&stack.pool)
+                .await?;
+        if let Some((delivery, attempts, status)) = row {
+            let history: Option<String> = sqlx::query_scalar(
+                "SELECT string_agg(action || ' ' || to_char(occurred_at, 'HH24:MI:SS.MS'), ', '
+                                   ORDER BY id)
+                 FROM audit_event WHERE subject_type = 'delivery' AND subject_id = $1",
+            )
+            .bind(delivery.to_string())
+            .fetch_one(&stack.pool)
+            .await?;
+            println!(
+                "  sent twice: delivery {delivery} ({attempts} attempts, {status}): {}",
+                history.unwrap_or_default()
+            );
+        }
+    }
     if codes != units {
         println!("  MISMATCH: {codes} codes for {units} units");
         passed = false;

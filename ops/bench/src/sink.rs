@@ -16,6 +16,9 @@ use mailin_embedded::{Handler, Response, Server, response};
 #[derive(Default)]
 struct Received {
     first: HashMap<String, Instant>,
+    /// Message-ID → the wall-clock time it was first accepted (to set
+    /// beside the time Postgres recorded it as sent).
+    first_wall: HashMap<String, std::time::SystemTime>,
     /// Message-ID → how many times it arrived.
     times: HashMap<String, usize>,
     total: usize,
@@ -56,6 +59,10 @@ impl Handler for Counting {
         let mut received = self.received.lock().expect("sink lock");
         received.total += 1;
         *received.times.entry(id.clone()).or_insert(0) += 1;
+        received
+            .first_wall
+            .entry(id.clone())
+            .or_insert_with(std::time::SystemTime::now);
         received.first.entry(id).or_insert(now);
         response::OK
     }
@@ -105,6 +112,11 @@ impl Sink {
         self.received.lock().expect("sink lock").first.clone()
     }
 
+    /// When each Message-ID was first accepted, by the wall clock.
+    pub fn arrivals_wall(&self) -> HashMap<String, std::time::SystemTime> {
+        self.received.lock().expect("sink lock").first_wall.clone()
+    }
+
     /// How many times each Message-ID arrived (more than once: a duplicate).
     pub fn times(&self) -> HashMap<String, usize> {
         self.received.lock().expect("sink lock").times.clone()
@@ -114,6 +126,7 @@ impl Sink {
     pub fn clear(&self) {
         let mut received = self.received.lock().expect("sink lock");
         received.first.clear();
+        received.first_wall.clear();
         received.times.clear();
         received.total = 0;
     }

@@ -189,10 +189,12 @@ pub async fn connect_tcp<Ws: WithSocket>(
     #[cfg(feature = "_rt-tokio")]
     if crate::rt::rt_tokio::available() {
         let stream = tokio::net::TcpStream::connect((host, port)).await?;
-        // Entitle's patch (vendor/README.md): without TCP_NODELAY, the tail of
-        // a message larger than one segment waits for the server's delayed
-        // ACK (40 ms on Linux). sqlx 0.8 set it; 0.9.0 dropped it (sqlx
-        // issue 4335, fixed upstream by pull request 4336, not released).
+        // Entitle's patch (vendor/README.md): without TCP_NODELAY, a write
+        // that follows another before the server acknowledged it (a
+        // statement's Sync after its Bind and Execute) waits for the
+        // server's delayed ACK (40 ms on Linux). sqlx 0.8 set it; 0.9.0
+        // dropped it (sqlx issue 4335, fixed upstream by pull request 4336,
+        // not released).
         stream.set_nodelay(true)?;
         return Ok(with_socket.with_socket(stream).await);
     }
