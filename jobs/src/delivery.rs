@@ -252,11 +252,13 @@ pub async fn mark_sent(conn: &mut PgConnection, sent: &[(Uuid, String)]) -> sqlx
     .rows_affected())
 }
 
-/// A connection for [`record_sent_as_accepted`], taken before the first
+/// Connections for [`record_sent_as_accepted`], taken before the first
 /// message goes and known to answer (the pool does not test connections
 /// it hands out, and one left from before a Postgres restart fails its
-/// first statement).
-pub async fn recording_connection(pool: &PgPool) -> sqlx::Result<PoolConnection<Postgres>> {
+/// first statement): one waited for, and a second when the pool has one
+/// idle (never waited for: a batch holding one must not wait on batches
+/// holding theirs).
+pub async fn recording_connections(pool: &PgPool) -> sqlx::Result<Vec<PoolConnection<Postgres>>> {
     let mut conn = pool.acquire().await?;
     if conn.ping().await.is_err() {
         conn.close_on_drop();
@@ -264,28 +266,68 @@ pub async fn recording_connection(pool: &PgPool) -> sqlx::Result<PoolConnection<
         conn = pool.acquire().await?;
         conn.ping().await?;
     }
-    Ok(conn)
+    let mut lanes = vec![conn];
+    if let Some(mut second) = pool.try_acquire() {
+        if second.ping().await.is_ok() {
+            lanes.push(second);
+        } else {
+            second.close_on_drop();
+        }
+    }
+    Ok(lanes)
 }
 
-/// Records accepted deliveries as they come in, on `conn` (from
-/// [`recording_connection`]): an accepted message never waits for the
-/// pool, since the time between "accepted" and "recorded" is when a killed
-/// worker sends an email twice. Each write takes whatever was accepted
-/// while the previous one ran (group commit), so at low load a message is
-/// recorded the moment it is accepted, and at high load one statement
-/// records many. A write that fails is tried once more on a fresh
-/// connection from `pool`. Returns how many were recorded.
+/// Records accepted deliveries as they come in, on `lanes` (from
+/// [`recording_connections`]): an accepted message never waits for the
+/// pool, nor for another write's commit while a lane is free, since the
+/// time between "accepted" and "recorded" is when a killed worker sends an
+/// email twice. Each write takes whatever was accepted while the lanes were
+/// busy (group commit), so at low load a message is recorded the moment
+/// it is accepted, and at high load one statement records many. A write
+/// that fails is tried once more on a fresh connection from `pool`.
+/// Returns how many were recorded.
 pub async fn record_sent_as_accepted(
     pool: PgPool,
+    lanes: Vec<PoolConnection<Postgres>>,
+    accepted: tokio::sync::mpsc::UnboundedReceiver<(Uuid, String)>,
+) -> u64 {
+    let accepted = std::sync::Arc::new(tokio::sync::Mutex::new(accepted));
+    let mut writers = tokio::task::JoinSet::new();
+    for conn in lanes {
+        writers.spawn(record_on(pool.clone(), conn, accepted.clone()));
+    }
+    let mut recorded = 0;
+    while let Some(lane) = writers.join_next().await {
+        match lane {
+            Ok(n) => recorded += n,
+            Err(e) => tracing::error!(error = %e, "a recording lane ended abnormally"),
+        }
+    }
+    recorded
+}
+
+/// One lane of [`record_sent_as_accepted`]: gathers what was accepted
+/// (one lane gathers at a time, while the others write) and writes it.
+async fn record_on(
+    pool: PgPool,
     mut conn: PoolConnection<Postgres>,
-    mut accepted: tokio::sync::mpsc::UnboundedReceiver<(Uuid, String)>,
+    accepted: std::sync::Arc<
+        tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<(Uuid, String)>>,
+    >,
 ) -> u64 {
     let mut recorded = 0;
-    while let Some(first) = accepted.recv().await {
-        let mut group = vec![first];
-        while let Ok(next) = accepted.try_recv() {
-            group.push(next);
-        }
+    loop {
+        let group = {
+            let mut accepted = accepted.lock().await;
+            let Some(first) = accepted.recv().await else {
+                break;
+            };
+            let mut group = vec![first];
+            while let Ok(next) = accepted.try_recv() {
+                group.push(next);
+            }
+            group
+        };
         let mut written = mark_sent(&mut conn, &group).await;
         if written.is_err()
             && let Ok(fresh) = pool.acquire().await

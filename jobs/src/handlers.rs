@@ -339,8 +339,8 @@ pub async fn send_deliveries(
     let (accepted, to_record) = tokio::sync::mpsc::unbounded_channel();
     // The recorder's connection is taken before the first message goes, so
     // an accepted message never waits for a busy pool to be recorded.
-    let recording = match delivery::recording_connection(&ctx.pool).await {
-        Ok(conn) => conn,
+    let recording = match delivery::recording_connections(&ctx.pool).await {
+        Ok(lanes) => lanes,
         Err(e) => {
             keeper.stop().await;
             let problems = database_setbacks(letters.iter().map(|(c, _)| c), format!("{e:#}"));

@@ -579,7 +579,10 @@ async fn a_mistyped_code_is_reported_as_malformed_without_a_database_lookup() {
     assert!(body["detail"].as_str().unwrap().contains("check symbol"));
 
     let (status, body) = app.check(&typo).await;
-    assert_eq!((status, body["code"].as_str()), (422, Some("code_malformed")));
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("code_malformed"))
+    );
 
     // (Redemptions are claimed on the writers' own connections, which this
     // does not close; the check reads through the pool it closed.)

@@ -776,6 +776,9 @@ async fn faults(opts: &Options, settings: &Settings, env: &mut Env) -> anyhow::R
         "Postgres restart -m immediate".into(),
         format!("SMTP down {} s", settings.smtp_down.as_secs()),
     ];
+    // When each worker was killed: a duplicate email should have been
+    // accepted just before one.
+    let mut kills_at: Vec<std::time::SystemTime> = Vec::new();
     for (n, name) in faults.into_iter().enumerate() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let started = Instant::now();
@@ -786,6 +789,7 @@ async fn faults(opts: &Options, settings: &Settings, env: &mut Env) -> anyhow::R
                     // Every 1 to 2 s, alternating between the two workers.
                     let pause = 1000 + (k as u64 * 617) % 1000;
                     tokio::time::sleep(Duration::from_millis(pause)).await;
+                    kills_at.push(std::time::SystemTime::now());
                     stack.kill_worker(k % 2).await?;
                     stack.restart_worker(k % 2)?;
                 }
@@ -832,7 +836,7 @@ async fn faults(opts: &Options, settings: &Settings, env: &mut Env) -> anyhow::R
     let _ = wait_done(&ledger, Instant::now(), Duration::from_secs(60)).await;
     stop_tracking.store(true, Ordering::Relaxed);
     let _ = tracker.await;
-    let passed = report(&stack, &ledger, &phases, settings).await?;
+    let passed = report(&stack, &ledger, &phases, settings, &kills_at).await?;
     let logs = stack.dir.clone();
     stack.finish(true).await?;
     gate.close().await;
@@ -899,6 +903,7 @@ async fn report(
     ledger: &Shared,
     phases: &[Phase],
     settings: &Settings,
+    kills_at: &[std::time::SystemTime],
 ) -> anyhow::Result<bool> {
     // A copy: a sender still retrying must not wait for the report.
     let ledger = ledger.lock().expect("ledger").clone();
@@ -1124,9 +1129,21 @@ async fn report(
             .bind(delivery.to_string())
             .fetch_one(&stack.pool)
             .await?;
+            // The first kill at or after the first acceptance.
+            let kill_after = accepted_at.get(id).and_then(|at| {
+                kills_at
+                    .iter()
+                    .filter_map(|k| k.duration_since(*at).ok())
+                    .min()
+            });
             println!(
-                "  sent twice: delivery {delivery} ({attempts} attempts, {status}): {}",
-                history.unwrap_or_default()
+                "  sent twice: delivery {delivery} ({attempts} attempts, {status}): {}; \
+                 first accepted {} before a worker was killed",
+                history.unwrap_or_default(),
+                kill_after.map_or("(no kill after it)".to_owned(), |d| format!(
+                    "{:.1} ms",
+                    d.as_secs_f64() * 1000.0
+                ))
             );
         }
     }
