@@ -40,19 +40,39 @@ async fn process_events(job: EventBatch, ctx: Data<Context>) -> Result<(), BoxDy
     Ok(())
 }
 
+/// Runs a batch that sends to the outside world in a task of its own and
+/// waits for it. apalis drops a job's future when its queue worker is
+/// restarted (Redis failed it, or forgot its registration) or shut down;
+/// dropped halfway, a batch would leave messages the SMTP server or the
+/// platform accepted unrecorded, and send them again once its lease lapsed.
+/// In its own task the batch finishes and records what went.
+pub async fn uncancelled<T: Send + 'static>(
+    batch: impl Future<Output = T> + Send + 'static,
+) -> Option<T> {
+    tokio::spawn(batch).await.ok()
+}
+
 async fn send_deliveries(job: DeliveryBatch, ctx: Data<Context>) -> Result<(), BoxDynError> {
-    if let Err(e) = handlers::send_deliveries(&ctx, job.token, &job.ids).await {
-        tracing::warn!(error = %e, deliveries = job.ids.len(),
-            "delivery batch not done; its deliveries are fed again when their lease lapses");
-    }
+    let ctx = Context::clone(&ctx);
+    uncancelled(async move {
+        if let Err(e) = handlers::send_deliveries(&ctx, job.token, &job.ids).await {
+            tracing::warn!(error = %e, deliveries = job.ids.len(),
+                "delivery batch not done; its deliveries are fed again when their lease lapses");
+        }
+    })
+    .await;
     Ok(())
 }
 
 async fn send_platform_events(job: PlatformBatch, ctx: Data<Context>) -> Result<(), BoxDynError> {
-    if let Err(e) = deliver::send_batch(&ctx, job.token, &job.ids).await {
-        tracing::warn!(error = %e, deliveries = job.ids.len(),
-            "platform batch not done; its deliveries are fed again when their lease lapses");
-    }
+    let ctx = Context::clone(&ctx);
+    uncancelled(async move {
+        if let Err(e) = deliver::send_batch(&ctx, job.token, &job.ids).await {
+            tracing::warn!(error = %e, deliveries = job.ids.len(),
+                "platform batch not done; its deliveries are fed again when their lease lapses");
+        }
+    })
+    .await;
     Ok(())
 }
 
@@ -341,4 +361,30 @@ pub async fn run_with(
     }
     result?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    /// What apalis does to a job when its queue worker restarts: drops its
+    /// future partway. The batch inside goes on to its end.
+    #[tokio::test]
+    async fn a_batch_goes_on_to_its_end_when_its_job_is_dropped() {
+        let (finished, finishing) = tokio::sync::oneshot::channel();
+        let job = super::uncancelled(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = finished.send(());
+        });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), job)
+                .await
+                .is_err(),
+            "the job was dropped before its batch finished"
+        );
+        tokio::time::timeout(Duration::from_secs(5), finishing)
+            .await
+            .expect("the batch finished after its job was dropped")
+            .expect("the batch ran to its end");
+    }
 }

@@ -1129,21 +1129,23 @@ async fn report(
             .bind(delivery.to_string())
             .fetch_one(&stack.pool)
             .await?;
-            // The first kill at or after the first acceptance.
-            let kill_after = accepted_at.get(id).and_then(|at| {
+            // The kill nearest the first acceptance, in ms (negative: the
+            // server took the message after the sender was killed, from
+            // what its socket still held).
+            let nearest_kill = accepted_at.get(id).and_then(|at| {
                 kills_at
                     .iter()
-                    .filter_map(|k| k.duration_since(*at).ok())
-                    .min()
+                    .map(|k| match k.duration_since(*at) {
+                        Ok(after) => after.as_secs_f64() * 1000.0,
+                        Err(before) => -before.duration().as_secs_f64() * 1000.0,
+                    })
+                    .min_by(|a, b| a.abs().total_cmp(&b.abs()))
             });
             println!(
                 "  sent twice: delivery {delivery} ({attempts} attempts, {status}): {}; \
-                 first accepted {} before a worker was killed",
+                 the nearest kill came {} after it was first accepted",
                 history.unwrap_or_default(),
-                kill_after.map_or("(no kill after it)".to_owned(), |d| format!(
-                    "{:.1} ms",
-                    d.as_secs_f64() * 1000.0
-                ))
+                nearest_kill.map_or("(none)".to_owned(), |ms| format!("{ms:.1} ms"))
             );
         }
     }
