@@ -288,25 +288,11 @@ async fn concurrent_jobs_for_the_same_event_issue_its_codes_once() {
         &[("price_basic_kit", 2), ("price_pro_licence", 1)],
     )
     .await;
-    let response = app
-        .post_stripe(&paid_session("evt_race", "cs_test_race", "eli@example.com"))
-        .await;
-    let inbox_id: uuid::Uuid = response.json::<Value>().await.unwrap()["event"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let inbox_id = filed_session(&app, "evt_race", "cs_test_race", "eli@example.com").await;
 
-    let (token, leased) = entitle_jobs::feed::lease_now(
-        &app.pool,
-        entitle_jobs::feed::Work::Events,
-        &[inbox_id],
-        std::time::Duration::from_secs(30),
-    )
-    .await
-    .unwrap();
-    assert_eq!(leased, vec![inbox_id]);
-    let runs = (0..5).map(|_| entitle_jobs::handlers::process_events(&app.ctx, token, &leased));
+    let token = leased(&app, entitle_jobs::feed::Work::Events, &[inbox_id]).await;
+    let ids = [inbox_id];
+    let runs = (0..5).map(|_| entitle_jobs::handlers::process_events(&app.ctx, token, &ids));
     for result in futures_join_all(runs).await {
         result.expect("every run succeeds");
     }
@@ -332,18 +318,7 @@ async fn concurrent_jobs_for_the_same_delivery_send_its_email_once() {
     })
     .await;
     mount_line_items(&app.stripe, "cs_test_twice", &[("price_basic_kit", 2)]).await;
-    let response = app
-        .post_stripe(&paid_session(
-            "evt_twice",
-            "cs_test_twice",
-            "gus@example.com",
-        ))
-        .await;
-    let inbox_id: uuid::Uuid = response.json::<Value>().await.unwrap()["event"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let inbox_id = filed_session(&app, "evt_twice", "cs_test_twice", "gus@example.com").await;
     entitle_jobs::handlers::process_now(&app.ctx, &[inbox_id])
         .await
         .expect("the event is processed");
@@ -352,16 +327,9 @@ async fn concurrent_jobs_for_the_same_delivery_send_its_email_once() {
         .await
         .unwrap();
 
-    let (token, leased) = entitle_jobs::feed::lease_now(
-        &app.pool,
-        entitle_jobs::feed::Work::Deliveries,
-        &[delivery],
-        std::time::Duration::from_secs(30),
-    )
-    .await
-    .unwrap();
-    assert_eq!(leased, vec![delivery]);
-    let runs = (0..5).map(|_| entitle_jobs::handlers::send_deliveries(&app.ctx, token, &leased));
+    let token = leased(&app, entitle_jobs::feed::Work::Deliveries, &[delivery]).await;
+    let ids = [delivery];
+    let runs = (0..5).map(|_| entitle_jobs::handlers::send_deliveries(&app.ctx, token, &ids));
     let done = futures_join_all(runs).await;
     let claimed: usize = done
         .into_iter()
@@ -705,6 +673,27 @@ async fn readiness_reports_postgres_the_one_thing_the_gateway_needs() {
 }
 
 /// Polls all the futures together, so they really overlap.
+/// Posts a paid checkout session and answers its inbox event's id.
+async fn filed_session(app: &TestApp, event: &str, session: &str, email: &str) -> uuid::Uuid {
+    let response = app.post_stripe(&paid_session(event, session, email)).await;
+    response.json::<Value>().await.unwrap()["event"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Leases these rows of `work` at once, as a feeder would, and answers
+/// the token (every one of them leased).
+async fn leased(app: &TestApp, work: entitle_jobs::feed::Work, ids: &[uuid::Uuid]) -> uuid::Uuid {
+    let (token, leased) =
+        entitle_jobs::feed::lease_now(&app.pool, work, ids, std::time::Duration::from_secs(30))
+            .await
+            .unwrap();
+    assert_eq!(leased, ids);
+    token
+}
+
 async fn futures_join_all<F: std::future::Future>(
     futures: impl Iterator<Item = F>,
 ) -> Vec<F::Output> {
