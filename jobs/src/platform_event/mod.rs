@@ -119,7 +119,14 @@ pub async fn record_fulfilled(conn: &mut PgConnection, orders: &[Uuid]) -> sqlx:
                         FROM order_line l
                         JOIN activation_code c ON c.order_line_id = l.id
                         JOIN product p ON p.id = c.product_id
-                        WHERE l.order_id = o.id), '[]'::jsonb))
+                        WHERE l.order_id = o.id
+                          -- The codes by their lines' index whatever the
+                          -- planner thinks of the tables' sizes: under the
+                          -- statistics of a table filling up it scanned
+                          -- every code for each order (a 20,000-order drain
+                          -- at 631 orders/s, Postgres 1.8 cores busy).
+                          AND c.order_line_id = ANY(ARRAY(
+                              SELECT id FROM order_line WHERE order_id = o.id))), '[]'::jsonb))
          FROM orders o WHERE o.id = ANY ($1)
          ORDER BY o.id",
     )
