@@ -621,3 +621,74 @@ async fn the_example_receiver_verifies_and_prints_each_event_once() {
     );
     child.kill().await.ok();
 }
+
+/// The queue may hand one platform job to two workers at once (a job
+/// redelivered while its first run still goes). The claim moves the rows to
+/// the claiming run's own token, so the fed token sends each event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_jobs_for_the_same_platform_delivery_send_its_event_once() {
+    let secret = Secret::generate().expose();
+    let receiver = Receiver::start(std::slice::from_ref(&secret)).await;
+    let app = TestApp::spawn_configured(
+        Options {
+            smtp: false,
+            worker: false,
+        },
+        fast_retries(json!({ "endpoints": [{
+            "name": "platform", "url": receiver.url, "secret": secret
+        }] })),
+    )
+    .await;
+    // No worker runs, so the configured endpoint is synced as a worker's
+    // start would.
+    entitle_jobs::platform_event::endpoint::sync_config(
+        &app.pool,
+        &app.ctx.keys,
+        &app.ctx.config.platform.endpoints,
+    )
+    .await
+    .unwrap();
+    let codes = app.batch_codes("KIT-BASIC", 1).await;
+    code_id(&app, &codes[0]).await;
+    let ids: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM platform_delivery WHERE status = 'pending'")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(ids.len(), 1, "the redemption's event, for one endpoint");
+
+    let (token, leased) = entitle_jobs::feed::lease_now(
+        &app.pool,
+        entitle_jobs::feed::Work::Platform,
+        &ids,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    assert_eq!(leased, ids);
+    // Connections open beforehand, so the five runs claim at the same
+    // moment rather than one by one as the pool grows.
+    let warm: Vec<_> = futures::future::join_all((0..6).map(|_| app.pool.acquire()))
+        .await
+        .into_iter()
+        .map(|connection| connection.unwrap())
+        .collect();
+    drop(warm);
+    let runs =
+        (0..5).map(|_| entitle_jobs::platform_event::deliver::send_batch(&app.ctx, token, &ids));
+    let claimed: usize = futures::future::join_all(runs)
+        .await
+        .into_iter()
+        .map(|sent| sent.expect("every run succeeds").claimed)
+        .sum();
+
+    assert_eq!(claimed, 1, "one run claimed the delivery");
+    assert_eq!(receiver.received().len(), 1, "the event went once");
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM platform_delivery WHERE status = 'delivered' AND attempts = 1"
+        )
+        .await,
+        1
+    );
+}

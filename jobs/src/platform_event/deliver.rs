@@ -50,14 +50,20 @@ fn body(id: Uuid, kind: &str, seq: i64, at: DateTime<Utc>, data: Value) -> Vec<u
     .expect("a JSON value serialises")
 }
 
+/// Claims the deliveries among `ids` fed under `token` and still pending,
+/// renewing the lease, and returns them with the token they are held
+/// under now: a fresh one, so the fed token claims them once (a job the
+/// queue hands to two workers at once sends each event once).
 async fn claim(
     ctx: &Context,
     token: Uuid,
     ids: &[Uuid],
     lease: Duration,
-) -> sqlx::Result<Vec<Claimed>> {
+) -> sqlx::Result<(Uuid, Vec<Claimed>)> {
+    let held = Uuid::now_v7();
     let rows = sqlx::query(
-        "UPDATE platform_delivery d SET leased_until = now() + make_interval(secs => $3)
+        "UPDATE platform_delivery d SET leased_until = now() + make_interval(secs => $3),
+                                        lease_token = $4
          FROM platform_event e, platform_endpoint ep
          WHERE d.id = ANY ($1) AND d.lease_token = $2 AND d.status = 'pending'
            AND e.id = d.event_id AND ep.id = d.endpoint_id
@@ -68,9 +74,10 @@ async fn claim(
     .bind(ids)
     .bind(token)
     .bind(lease.as_secs_f64())
+    .bind(held)
     .fetch_all(&ctx.pool)
     .await?;
-    Ok(rows
+    let claimed = rows
         .into_iter()
         .map(|row| {
             let event_id: Uuid = row.get("event_id");
@@ -101,7 +108,8 @@ async fn claim(
                 ),
             }
         })
-        .collect())
+        .collect();
+    Ok((held, claimed))
 }
 
 /// What one attempt came to.
@@ -257,7 +265,7 @@ pub struct Sent {
 pub async fn send_batch(ctx: &Context, token: Uuid, ids: &[Uuid]) -> sqlx::Result<Sent> {
     let settings = &ctx.config.platform;
     let lease = ctx.config.lease();
-    let claimed = claim(ctx, token, ids, lease).await?;
+    let (token, claimed) = claim(ctx, token, ids, lease).await?;
     let mut sent = Sent {
         claimed: claimed.len(),
         ..Sent::default()

@@ -778,7 +778,7 @@ async fn faults(opts: &Options, settings: &Settings, env: &mut Env) -> anyhow::R
     ];
     // When each worker was killed: a duplicate email should have been
     // accepted just before one.
-    let mut kills_at: Vec<std::time::SystemTime> = Vec::new();
+    let mut kills_at: Vec<Kill> = Vec::new();
     for (n, name) in faults.into_iter().enumerate() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let started = Instant::now();
@@ -789,8 +789,12 @@ async fn faults(opts: &Options, settings: &Settings, env: &mut Env) -> anyhow::R
                     // Every 1 to 2 s, alternating between the two workers.
                     let pause = 1000 + (k as u64 * 617) % 1000;
                     tokio::time::sleep(Duration::from_millis(pause)).await;
-                    kills_at.push(std::time::SystemTime::now());
+                    let sent = std::time::SystemTime::now();
                     stack.kill_worker(k % 2).await?;
+                    kills_at.push(Kill {
+                        sent,
+                        reaped: std::time::SystemTime::now(),
+                    });
                     stack.restart_worker(k % 2)?;
                 }
             }
@@ -898,12 +902,53 @@ struct Row {
     duplicate_emails: usize,
 }
 
+/// One worker SIGKILL: when the signal was about to be sent, and when the
+/// process had been reaped (dead, its sockets closed by the kernel).
+#[derive(Debug, Clone, Copy)]
+struct Kill {
+    sent: std::time::SystemTime,
+    reaped: std::time::SystemTime,
+}
+
+/// Where a twice-sent email's first acceptance fell against its nearest
+/// kill: before the signal (the sender's window: accepted, not yet
+/// recorded), while it landed, or after the process was gone (the server
+/// took what the dead socket still held: no sender can record that).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Against {
+    Before,
+    Landing,
+    AfterDeath,
+}
+
+impl Kill {
+    /// Milliseconds from `at` to the signal (negative: `at` came after it),
+    /// and where `at` falls.
+    fn against(&self, at: std::time::SystemTime) -> (f64, Against) {
+        let ms = |from: std::time::SystemTime, to: std::time::SystemTime| match to
+            .duration_since(from)
+        {
+            Ok(d) => d.as_secs_f64() * 1000.0,
+            Err(e) => -e.duration().as_secs_f64() * 1000.0,
+        };
+        let to_signal = ms(at, self.sent);
+        let place = if to_signal > 0.0 {
+            Against::Before
+        } else if ms(at, self.reaped) >= 0.0 {
+            Against::Landing
+        } else {
+            Against::AfterDeath
+        };
+        (to_signal, place)
+    }
+}
+
 async fn report(
     stack: &Stack,
     ledger: &Shared,
     phases: &[Phase],
     settings: &Settings,
-    kills_at: &[std::time::SystemTime],
+    kills_at: &[Kill],
 ) -> anyhow::Result<bool> {
     // A copy: a sender still retrying must not wait for the report.
     let ledger = ledger.lock().expect("ledger").clone();
@@ -1114,7 +1159,8 @@ async fn report(
         .map(|(id, _)| id.clone())
         .collect();
     twice.sort();
-    for id in twice.iter().take(20) {
+    let mut places: HashMap<&str, usize> = HashMap::new();
+    for (n, id) in twice.iter().enumerate() {
         let row: Option<(uuid::Uuid, i32, String)> =
             sqlx::query_as("SELECT id, attempts, status FROM email_delivery WHERE message_id = $1")
                 .bind(id)
@@ -1135,19 +1181,37 @@ async fn report(
             let nearest_kill = accepted_at.get(id).and_then(|at| {
                 kills_at
                     .iter()
-                    .map(|k| match k.duration_since(*at) {
-                        Ok(after) => after.as_secs_f64() * 1000.0,
-                        Err(before) => -before.duration().as_secs_f64() * 1000.0,
-                    })
-                    .min_by(|a, b| a.abs().total_cmp(&b.abs()))
+                    .map(|k| k.against(*at))
+                    .min_by(|a, b| a.0.abs().total_cmp(&b.0.abs()))
             });
-            println!(
-                "  sent twice: delivery {delivery} ({attempts} attempts, {status}): {}; \
-                 the nearest kill came {} after it was first accepted",
-                history.unwrap_or_default(),
-                nearest_kill.map_or("(none)".to_owned(), |ms| format!("{ms:.1} ms"))
-            );
+            let place = match nearest_kill {
+                None => "no kill near",
+                Some((_, Against::Before)) => "accepted before the kill",
+                Some((_, Against::Landing)) => "accepted while the kill landed",
+                Some((_, Against::AfterDeath)) => "accepted after the killed worker was gone",
+            };
+            *places.entry(place).or_default() += 1;
+            if n < 20 {
+                println!(
+                    "  sent twice: delivery {delivery} ({attempts} attempts, {status}): {}; \
+                     the nearest kill was signalled {} after it was first accepted ({place})",
+                    history.unwrap_or_default(),
+                    nearest_kill.map_or("(none)".to_owned(), |(ms, _)| format!("{ms:.1} ms"))
+                );
+            }
         }
+    }
+    if !twice.is_empty() {
+        let mut places: Vec<(&str, usize)> = places.into_iter().collect();
+        places.sort();
+        println!(
+            "  emails sent twice, by their first acceptance: {}",
+            places
+                .iter()
+                .map(|(place, n)| format!("{n} {place}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     if codes != units {
         println!("  MISMATCH: {codes} codes for {units} units");
