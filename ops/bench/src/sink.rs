@@ -112,6 +112,20 @@ impl Sink {
         self.received.lock().expect("sink lock").first.clone()
     }
 
+    /// When each of `ids` was first accepted, if it was: the lock is held
+    /// for the look-ups only, so a tracker asking often does not keep the
+    /// sink from accepting (copying the whole map held it for milliseconds
+    /// once it had thousands of entries).
+    pub fn arrivals_of<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a String>,
+    ) -> Vec<Option<Instant>> {
+        let received = self.received.lock().expect("sink lock");
+        ids.into_iter()
+            .map(|id| received.first.get(id).copied())
+            .collect()
+    }
+
     /// When each Message-ID was first accepted, by the wall clock.
     pub fn arrivals_wall(&self) -> HashMap<String, std::time::SystemTime> {
         self.received.lock().expect("sink lock").first_wall.clone()
