@@ -284,17 +284,20 @@ pub async fn recording_connections(pool: &PgPool) -> sqlx::Result<Vec<PoolConnec
 /// email twice. Each write takes whatever was accepted while the lanes were
 /// busy (group commit), so at low load a message is recorded the moment
 /// it is accepted, and at high load one statement records many. A write
-/// that fails is tried once more on a fresh connection from `pool`.
+/// that fails (Postgres restarting, say) is tried again on fresh
+/// connections from `pool` for up to `patience` (the deliveries' lease):
+/// given up sooner, the lease would lapse and the emails go again.
 /// Returns how many were recorded.
 pub async fn record_sent_as_accepted(
     pool: PgPool,
     lanes: Vec<PoolConnection<Postgres>>,
     accepted: tokio::sync::mpsc::UnboundedReceiver<(Uuid, String)>,
+    patience: std::time::Duration,
 ) -> u64 {
     let accepted = std::sync::Arc::new(tokio::sync::Mutex::new(accepted));
     let mut writers = tokio::task::JoinSet::new();
     for conn in lanes {
-        writers.spawn(record_on(pool.clone(), conn, accepted.clone()));
+        writers.spawn(record_on(pool.clone(), conn, accepted.clone(), patience));
     }
     let mut recorded = 0;
     while let Some(lane) = writers.join_next().await {
@@ -310,12 +313,14 @@ pub async fn record_sent_as_accepted(
 /// (one lane gathers at a time, while the others write) and writes it.
 async fn record_on(
     pool: PgPool,
-    mut conn: PoolConnection<Postgres>,
+    conn: PoolConnection<Postgres>,
     accepted: std::sync::Arc<
         tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<(Uuid, String)>>,
     >,
+    patience: std::time::Duration,
 ) -> u64 {
     let mut recorded = 0;
+    let mut conn = Some(conn);
     loop {
         let group = {
             let mut accepted = accepted.lock().await;
@@ -328,15 +333,7 @@ async fn record_on(
             }
             group
         };
-        let mut written = mark_sent(&mut conn, &group).await;
-        if written.is_err()
-            && let Ok(fresh) = pool.acquire().await
-        {
-            conn.close_on_drop();
-            conn = fresh;
-            written = mark_sent(&mut conn, &group).await;
-        }
-        match written {
+        match record_until_written(&pool, &mut conn, &group, patience).await {
             Ok(n) => recorded += n,
             // Sent but not recorded: the lease lapses and they are sent
             // again, with the same Message-IDs.
@@ -345,6 +342,35 @@ async fn record_on(
         }
     }
     recorded
+}
+
+/// Writes one group on the lane's connection; when that fails (Postgres
+/// restarting, say) on fresh ones from `pool` for up to `patience`. A
+/// connection that failed is closed, not returned to the pool, and the lane
+/// takes from the pool from then on.
+async fn record_until_written(
+    pool: &PgPool,
+    conn: &mut Option<PoolConnection<Postgres>>,
+    group: &[(Uuid, String)],
+    patience: std::time::Duration,
+) -> sqlx::Result<u64> {
+    if let Some(lane) = conn.as_mut() {
+        if let Ok(n) = mark_sent(lane, group).await {
+            return Ok(n);
+        }
+        if let Some(mut broken) = conn.take() {
+            broken.close_on_drop();
+        }
+    }
+    crate::retry::while_failing(patience, "emails sent but not yet recorded", || async {
+        let mut fresh = pool.acquire().await?;
+        let written = mark_sent(&mut fresh, group).await;
+        if written.is_err() {
+            fresh.close_on_drop();
+        }
+        written
+    })
+    .await
 }
 
 /// Records that a claimed delivery had nothing left to send (every code it

@@ -355,6 +355,7 @@ pub async fn send_deliveries(
         ctx.pool.clone(),
         recording,
         to_record,
+        lease,
     ));
     let results: Vec<_> = stream::iter(letters)
         .map(|(delivery, letter)| send_one(ctx, delivery, *letter, accepted.clone()))

@@ -35,6 +35,41 @@ impl RetryPolicy {
     }
 }
 
+/// Tries `write` until it succeeds or `patience` has passed: at once, then
+/// after waits that double from 50 ms to 1 s. For recording what another
+/// party has already taken (an email the SMTP server accepted, an event the
+/// platform answered): Postgres restarting for a second must not cost the
+/// record, since the work's lease would then lapse and it would go again.
+/// Logs `what` once, at the first failure.
+pub async fn while_failing<T, E, Fut>(
+    patience: Duration,
+    what: &'static str,
+    mut write: impl FnMut() -> Fut,
+) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let started = tokio::time::Instant::now();
+    let mut wait = FIRST_WAIT;
+    loop {
+        let e = match write().await {
+            Ok(written) => return Ok(written),
+            Err(e) => e,
+        };
+        if started.elapsed() + wait >= patience {
+            return Err(e);
+        }
+        if wait == FIRST_WAIT {
+            tracing::warn!(error = %e, "{what}; trying again");
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(1));
+    }
+}
+
+const FIRST_WAIT: Duration = Duration::from_millis(50);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,5 +98,38 @@ mod tests {
         }
         assert!(policy.may_retry(4));
         assert!(!policy.may_retry(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_is_tried_again_until_it_succeeds_or_patience_runs_out() {
+        let mut tries = 0;
+        let written: Result<u32, String> =
+            while_failing(Duration::from_secs(2), "test write", || {
+                tries += 1;
+                let now = tries;
+                async move {
+                    if now < 4 {
+                        Err(format!("try {now}"))
+                    } else {
+                        Ok(now)
+                    }
+                }
+            })
+            .await;
+        assert_eq!(written, Ok(4));
+
+        let started = tokio::time::Instant::now();
+        let mut tries = 0;
+        let written: Result<(), String> =
+            while_failing(Duration::from_millis(500), "test write", || {
+                tries += 1;
+                async { Err("down".to_owned()) }
+            })
+            .await;
+        assert_eq!(written, Err("down".to_owned()));
+        assert_eq!(started.elapsed(), Duration::from_millis(350));
+        // At once, then after 50, 100 and 200 ms; a 400 ms wait would
+        // outlast the patience.
+        assert_eq!(tries, 4);
     }
 }

@@ -67,13 +67,13 @@ impl Proxy {
 
     /// Cuts every connection and closes the port.
     pub fn down(&self) {
-        let mut state = self.state.lock().unwrap();
-        if let Some(listening) = state.listening.take() {
-            listening.abort();
-        }
-        for connection in state.connections.drain(..) {
-            connection.abort();
-        }
+        cut(&self.state);
+    }
+
+    /// A handle that takes this proxy down from any thread, at the moment a
+    /// test needs (from an SMTP sink's callback, say).
+    pub fn cutter(&self) -> Cutter {
+        Cutter(self.state.clone())
     }
 
     /// Forwards again, on the same port.
@@ -81,6 +81,27 @@ impl Proxy {
         if self.state.lock().unwrap().listening.is_none() {
             self.serve(listen(self.port));
         }
+    }
+}
+
+/// Takes a [`Proxy`] down ([`Proxy::down`]) from anywhere; [`Proxy::up`]
+/// brings it back.
+#[derive(Clone)]
+pub struct Cutter(Arc<Mutex<State>>);
+
+impl Cutter {
+    pub fn cut(&self) {
+        cut(&self.0);
+    }
+}
+
+fn cut(state: &Mutex<State>) {
+    let mut state = state.lock().unwrap();
+    if let Some(listening) = state.listening.take() {
+        listening.abort();
+    }
+    for connection in state.connections.drain(..) {
+        connection.abort();
     }
 }
 

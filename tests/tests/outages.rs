@@ -143,3 +143,85 @@ async fn with_redis_down_webhooks_are_filed_and_answered_at_once() {
         "every webhook is in Postgres, waiting for the worker"
     );
 }
+
+/// Postgres goes away in the moment between the SMTP server accepting an
+/// email and the sender recording it. The sender keeps trying to record it
+/// until Postgres is back (within the delivery's lease), so the email is
+/// recorded as sent and not sent again once its lease lapses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_email_accepted_as_postgres_goes_down_is_recorded_once_it_is_back() {
+    let app = TestApp::spawn_behind_proxy(
+        Options {
+            smtp: false,
+            worker: false,
+        },
+        json!({}),
+    )
+    .await;
+    let sale = Sale::new("ord-outage-mail", "m@example.test", &[(Product::Kit, 1)]);
+    assert_eq!(Channel::Native.purchase(&app, &sale).await.status(), 200);
+    let inbox: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM webhook_inbox")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    entitle_jobs::handlers::process_now(&app.ctx, &inbox)
+        .await
+        .expect("the order is fulfilled");
+    let delivery: uuid::Uuid = sqlx::query_scalar("SELECT id FROM email_delivery")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+
+    // The sink takes Postgres away as it accepts the first message, before
+    // its "250" reaches the sender.
+    let cutter = app.postgres.as_ref().unwrap().cutter();
+    let once = std::sync::Once::new();
+    let sink = entitle_tests::smtp::SmtpSink::start_on(
+        app.smtp_port,
+        Some(std::sync::Arc::new(move |_| {
+            once.call_once(|| cutter.cut())
+        })),
+    );
+    let (token, leased) = entitle_jobs::feed::lease_now(
+        &app.pool,
+        entitle_jobs::feed::Work::Deliveries,
+        &[delivery],
+        app.ctx.config.lease(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(leased, [delivery]);
+    let ctx = app.ctx.clone();
+    let batch = tokio::spawn(async move {
+        entitle_jobs::handlers::send_deliveries(&ctx, token, &[delivery]).await
+    });
+    eventually(
+        "the sink accepted the email",
+        Duration::from_secs(10),
+        || async { (sink.count() == 1).then_some(()) },
+    )
+    .await;
+    // Down for a second: well within the lease (3 s in the tests).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    app.postgres.as_ref().unwrap().up();
+    let done = batch.await.unwrap().expect("the batch ends");
+
+    assert_eq!(done.sent, 1, "{done:?}");
+    let (status, attempts): (String, i32) =
+        sqlx::query_as("SELECT status, attempts FROM email_delivery WHERE id = $1")
+            .bind(delivery)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), attempts),
+        ("sent", 1),
+        "recorded when the batch ended"
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM audit_event WHERE action = 'delivery.sent'")
+            .await,
+        1
+    );
+    assert_eq!(sink.count(), 1, "the email went once");
+}

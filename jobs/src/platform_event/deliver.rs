@@ -296,7 +296,14 @@ pub async fn send_batch(ctx: &Context, token: Uuid, ids: &[Uuid]) -> sqlx::Resul
                     tracing::info!(delivery = %delivery.id, event = %delivery.event_id,
                         endpoint = %delivery.endpoint, error, "platform event not delivered");
                 }
-                record(&ctx.pool, token, &delivery, &attempt, &policy, retry_for).await
+                // The platform has its answer: the record waits out a
+                // short Postgres outage rather than let the lease lapse.
+                crate::retry::while_failing(
+                    lease,
+                    "platform event sent but its attempt not yet recorded",
+                    || record(&ctx.pool, token, &delivery, &attempt, &policy, retry_for),
+                )
+                .await
             }
             .boxed()
         })
