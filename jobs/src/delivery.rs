@@ -259,14 +259,7 @@ pub async fn mark_sent(conn: &mut PgConnection, sent: &[(Uuid, String)]) -> sqlx
 /// idle (never waited for: a batch holding one must not wait on batches
 /// holding theirs).
 pub async fn recording_connections(pool: &PgPool) -> sqlx::Result<Vec<PoolConnection<Postgres>>> {
-    let mut conn = pool.acquire().await?;
-    if conn.ping().await.is_err() {
-        conn.close_on_drop();
-        drop(conn);
-        conn = pool.acquire().await?;
-        conn.ping().await?;
-    }
-    let mut lanes = vec![conn];
+    let mut lanes = vec![answering(pool).await?];
     if let Some(mut second) = pool.try_acquire() {
         if second.ping().await.is_ok() {
             lanes.push(second);
@@ -284,9 +277,10 @@ pub async fn recording_connections(pool: &PgPool) -> sqlx::Result<Vec<PoolConnec
 /// email twice. Each write takes whatever was accepted while the lanes were
 /// busy (group commit), so at low load a message is recorded the moment
 /// it is accepted, and at high load one statement records many. A write
-/// that fails (Postgres restarting, say) is tried again on fresh
-/// connections from `pool` for up to `patience` (the deliveries' lease):
-/// given up sooner, the lease would lapse and the emails go again.
+/// that fails because Postgres does (restarting, say) is tried again on
+/// fresh connections from `pool` for up to `patience` (the deliveries'
+/// lease, which the batch's keeper renews once Postgres is back): given up
+/// sooner, the lease would lapse and the emails go again.
 /// Returns how many were recorded.
 pub async fn record_sent_as_accepted(
     pool: PgPool,
@@ -344,10 +338,10 @@ async fn record_on(
     recorded
 }
 
-/// Writes one group on the lane's connection; when that fails (Postgres
-/// restarting, say) on fresh ones from `pool` for up to `patience`. A
-/// connection that failed is closed, not returned to the pool, and the lane
-/// takes from the pool from then on.
+/// Writes one group on the lane's connection; when Postgres fails it
+/// (restarting, say), on fresh connections from `pool`, each checked with a
+/// ping, for up to `patience`, and the one that wrote becomes the lane's.
+/// A connection that failed is closed, not returned to the pool.
 async fn record_until_written(
     pool: &PgPool,
     conn: &mut Option<PoolConnection<Postgres>>,
@@ -355,22 +349,42 @@ async fn record_until_written(
     patience: std::time::Duration,
 ) -> sqlx::Result<u64> {
     if let Some(lane) = conn.as_mut() {
-        if let Ok(n) = mark_sent(lane, group).await {
-            return Ok(n);
-        }
-        if let Some(mut broken) = conn.take() {
-            broken.close_on_drop();
+        match mark_sent(lane, group).await {
+            Ok(n) => return Ok(n),
+            Err(e) if !crate::db::unavailable(&e) => return Err(e),
+            Err(_) => {}
         }
     }
-    crate::retry::while_failing(patience, "emails sent but not yet recorded", || async {
-        let mut fresh = pool.acquire().await?;
-        let written = mark_sent(&mut fresh, group).await;
-        if written.is_err() {
-            fresh.close_on_drop();
+    if let Some(mut broken) = conn.take() {
+        broken.close_on_drop();
+    }
+    let (written, fresh) =
+        crate::retry::while_unavailable(patience, "emails sent but not yet recorded", || async {
+            let mut fresh = answering(pool).await?;
+            match mark_sent(&mut fresh, group).await {
+                Ok(n) => Ok((n, fresh)),
+                Err(e) => {
+                    fresh.close_on_drop();
+                    Err(e)
+                }
+            }
+        })
+        .await?;
+    *conn = Some(fresh);
+    Ok(written)
+}
+
+/// A connection from `pool` that answers a ping: connections left idle
+/// from before a Postgres restart are closed and passed over.
+async fn answering(pool: &PgPool) -> sqlx::Result<PoolConnection<Postgres>> {
+    loop {
+        let mut conn = pool.acquire().await?;
+        match conn.ping().await {
+            Ok(()) => return Ok(conn),
+            Err(e) if !crate::db::unavailable(&e) => return Err(e),
+            Err(_) => conn.close_on_drop(),
         }
-        written
-    })
-    .await
+    }
 }
 
 /// Records that a claimed delivery had nothing left to send (every code it

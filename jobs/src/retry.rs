@@ -35,29 +35,32 @@ impl RetryPolicy {
     }
 }
 
-/// Tries `write` until it succeeds or `patience` has passed: at once, then
-/// after waits that double from 50 ms to 1 s. For recording what another
-/// party has already taken (an email the SMTP server accepted, an event the
-/// platform answered): Postgres restarting for a second must not cost the
-/// record, since the work's lease would then lapse and it would go again.
-/// Logs `what` once, at the first failure.
-pub async fn while_failing<T, E, Fut>(
+/// Tries `write` while it fails because Postgres is unavailable
+/// ([`crate::db::unavailable`]), until `patience` has passed: at once, then
+/// after waits that double from 50 ms to 1 s; an attempt still running when
+/// the patience ends is abandoned. For recording what another party has
+/// already taken (an email the SMTP server accepted, an event the platform
+/// answered): Postgres restarting for a second must not cost the record,
+/// since the work's lease would then lapse and it would go again. Any other
+/// error is returned at once. Logs `what` once, at the first failure.
+pub async fn while_unavailable<T, Fut>(
     patience: Duration,
     what: &'static str,
     mut write: impl FnMut() -> Fut,
-) -> Result<T, E>
+) -> sqlx::Result<T>
 where
-    E: std::fmt::Display,
-    Fut: std::future::Future<Output = Result<T, E>>,
+    Fut: std::future::Future<Output = sqlx::Result<T>>,
 {
-    let started = tokio::time::Instant::now();
+    let deadline = tokio::time::Instant::now() + patience;
     let mut wait = FIRST_WAIT;
     loop {
-        let e = match write().await {
-            Ok(written) => return Ok(written),
-            Err(e) => e,
+        let e = match tokio::time::timeout_at(deadline, write()).await {
+            Ok(Ok(written)) => return Ok(written),
+            Ok(Err(e)) if crate::db::unavailable(&e) => e,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(sqlx::Error::PoolTimedOut),
         };
-        if started.elapsed() + wait >= patience {
+        if tokio::time::Instant::now() + wait >= deadline {
             return Err(e);
         }
         if wait == FIRST_WAIT {
@@ -101,35 +104,53 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_write_is_tried_again_until_it_succeeds_or_patience_runs_out() {
+    async fn a_write_is_tried_again_while_postgres_is_unavailable_for_its_patience() {
+        let down = || sqlx::Error::Io(std::io::ErrorKind::ConnectionRefused.into());
         let mut tries = 0;
-        let written: Result<u32, String> =
-            while_failing(Duration::from_secs(2), "test write", || {
-                tries += 1;
-                let now = tries;
-                async move {
-                    if now < 4 {
-                        Err(format!("try {now}"))
-                    } else {
-                        Ok(now)
-                    }
-                }
-            })
-            .await;
-        assert_eq!(written, Ok(4));
+        let written = while_unavailable(Duration::from_secs(2), "test write", || {
+            tries += 1;
+            let now = tries;
+            async move { if now < 4 { Err(down()) } else { Ok(now) } }
+        })
+        .await;
+        assert_eq!(written.unwrap(), 4);
 
         let started = tokio::time::Instant::now();
         let mut tries = 0;
-        let written: Result<(), String> =
-            while_failing(Duration::from_millis(500), "test write", || {
+        let written: sqlx::Result<()> =
+            while_unavailable(Duration::from_millis(500), "test write", || {
                 tries += 1;
-                async { Err("down".to_owned()) }
+                async { Err(down()) }
             })
             .await;
-        assert_eq!(written, Err("down".to_owned()));
+        assert!(matches!(written, Err(sqlx::Error::Io(_))), "{written:?}");
         assert_eq!(started.elapsed(), Duration::from_millis(350));
         // At once, then after 50, 100 and 200 ms; a 400 ms wait would
         // outlast the patience.
         assert_eq!(tries, 4);
+
+        // A write that hangs is abandoned when the patience ends.
+        let started = tokio::time::Instant::now();
+        let written: sqlx::Result<()> =
+            while_unavailable(Duration::from_millis(500), "test write", || {
+                std::future::pending()
+            })
+            .await;
+        assert!(
+            matches!(written, Err(sqlx::Error::PoolTimedOut)),
+            "{written:?}"
+        );
+        assert_eq!(started.elapsed(), Duration::from_millis(500));
+
+        // An error that is not an outage is not tried again.
+        let mut tries = 0;
+        let written: sqlx::Result<()> =
+            while_unavailable(Duration::from_secs(2), "test write", || {
+                tries += 1;
+                async { Err(sqlx::Error::RowNotFound) }
+            })
+            .await;
+        assert!(matches!(written, Err(sqlx::Error::RowNotFound)));
+        assert_eq!(tries, 1);
     }
 }

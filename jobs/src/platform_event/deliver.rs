@@ -298,7 +298,7 @@ pub async fn send_batch(ctx: &Context, token: Uuid, ids: &[Uuid]) -> sqlx::Resul
                 }
                 // The platform has its answer: the record waits out a
                 // short Postgres outage rather than let the lease lapse.
-                crate::retry::while_failing(
+                crate::retry::while_unavailable(
                     lease,
                     "platform event sent but its attempt not yet recorded",
                     || record(&ctx.pool, token, &delivery, &attempt, &policy, retry_for),
