@@ -278,7 +278,14 @@ impl TestApp {
             pool: ctx.pool.clone(),
             ctx,
             stripe,
-            http: reqwest::Client::new(),
+            // The gateway closes a kept-alive connection that sends no
+            // request within `gateway.timeouts.header_read_ms` (10 s); a
+            // client reusing one at that moment gets no answer
+            // (IncompleteMessage). Idle connections are dropped before that.
+            http: reqwest::Client::builder()
+                .pool_idle_timeout(std::time::Duration::from_secs(5))
+                .build()
+                .expect("an HTTP client"),
             smtp_port,
             postgres,
             smtp: Mutex::new(smtp),
