@@ -338,39 +338,36 @@ async fn record_on(
     recorded
 }
 
-/// Writes one group on the lane's connection; when Postgres fails it
+/// Writes one group on the lane's connection and, while Postgres fails
 /// (restarting, say), on fresh connections from `pool`, each checked with a
-/// ping, for up to `patience`, and the one that wrote becomes the lane's.
-/// A connection that failed is closed, not returned to the pool.
+/// ping, for up to `patience`; the one that wrote becomes the lane's. A
+/// connection that failed is closed, not returned to the pool.
 async fn record_until_written(
     pool: &PgPool,
     conn: &mut Option<PoolConnection<Postgres>>,
     group: &[(Uuid, String)],
     patience: std::time::Duration,
 ) -> sqlx::Result<u64> {
-    if let Some(lane) = conn.as_mut() {
-        match mark_sent(lane, group).await {
-            Ok(n) => return Ok(n),
-            Err(e) if !crate::db::unavailable(&e) => return Err(e),
-            Err(_) => {}
-        }
-    }
-    if let Some(mut broken) = conn.take() {
-        broken.close_on_drop();
-    }
-    let (written, fresh) =
-        crate::retry::while_unavailable(patience, "emails sent but not yet recorded", || async {
-            let mut fresh = answering(pool).await?;
-            match mark_sent(&mut fresh, group).await {
-                Ok(n) => Ok((n, fresh)),
-                Err(e) => {
-                    fresh.close_on_drop();
-                    Err(e)
+    let mut lane = conn.take();
+    let (written, writer) =
+        crate::retry::while_unavailable(patience, "emails sent but not yet recorded", || {
+            let lane = lane.take();
+            async move {
+                let mut writer = match lane {
+                    Some(lane) => lane,
+                    None => answering(pool).await?,
+                };
+                match mark_sent(&mut writer, group).await {
+                    Ok(n) => Ok((n, writer)),
+                    Err(e) => {
+                        writer.close_on_drop();
+                        Err(e)
+                    }
                 }
             }
         })
         .await?;
-    *conn = Some(fresh);
+    *conn = Some(writer);
     Ok(written)
 }
 
