@@ -74,8 +74,12 @@ else
     console_login="you@example.com (password shown at the first run; or create-staff another)"
 fi
 # A platform key for the demo's redemptions, kept in var/ (never committed).
+# Named by the moment it was made: a database that outlived var/ (a fresh
+# clone against the same local Postgres) still holds the earlier one, whose
+# secret is gone, and names of active keys are unique.
 if [ ! -s var/platform.key ]; then
-    (umask 077; "$bin/entitle-gateway" create-platform-key --name demo-platform \
+    (umask 077; "$bin/entitle-gateway" create-platform-key \
+        --name "demo-platform-$(date -u +%Y%m%dT%H%M%S)" \
         --reason "local demo" > var/platform.key)
 fi
 platform_key=$(cat var/platform.key)
